@@ -1,0 +1,216 @@
+"""Batch Renormalization (Ioffe, 2017, "Batch Renormalization: Towards Reducing
+Minibatch Dependence in Batch-Normalized Models", https://arxiv.org/abs/1702.03275).
+
+Training forward, per channel (statistics over every dim but channels):
+
+    mu_B    = mean(x)                 var_B = mean((x - mu_B)^2)      (biased)
+    sigma_B = sqrt(var_B + eps)       sigma_R = sqrt(running_var + eps)
+    r = clip(sigma_B / sigma_R,           1/rmax_t, rmax_t)   # constant in backward
+    d = clip((mu_B - running_mean) / sigma_R, -dmax_t,  dmax_t)   # constant in backward
+    y = weight * (r * (x - mu_B) / sigma_B + d) + bias
+
+``running_mean``/``running_var`` in r and d are the values from *before* this step's
+update.  The clip limits ramp linearly over ``warmup_steps`` training forwards (the paper
+relaxes them gradually from BatchNorm's r=1, d=0):
+
+    a = min(1, t / warmup_steps)   rmax_t = 1 + a * (rmax - 1)   dmax_t = a * dmax
+
+where t = ``num_batches_tracked`` before this forward (training forwards so far);
+``warmup_steps=0`` applies the full limits at once.  Converting a trained BatchNorm layer
+keeps its ``num_batches_tracked``, so a fine-tune from a pretrained backbone starts with
+its warm-up already done.
+
+Running statistics are updated exactly as ``nn.BatchNorm`` does: ``momentum`` is the
+weight of the new value (``None`` = cumulative average), the variance stored is the
+*unbiased* batch variance, and ``num_batches_tracked`` counts training forwards only.
+The buffers and state_dict keys are BatchNorm's, so checkpoints move freely between BN,
+BRN and SyncBN.  Eval normalizes with the running statistics and touches no buffer; with
+``track_running_stats=False`` the layer is BatchNorm on batch statistics (r=1, d=0).
+With ``rmax=1, dmax=0`` the layer is BatchNorm.
+
+Implementation: r and d are folded into the affine (``weight * r``, ``bias + weight * d``)
+of the fused batch-norm kernels (see ``norms.functional``), so a training step costs one
+statistics pass more than nothing at all rather than a chain of elementwise ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from norms.functional import batch_stats, normalize, sync_stats
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_limits"]
+
+
+def renorm_limits(rmax: float, dmax: float, warmup_steps: int, t: int) -> tuple[float, float]:
+    """(rmax_t, dmax_t) after ``t`` training forwards, ramping linearly from (1, 0)."""
+    a = 1.0 if warmup_steps <= 0 else min(1.0, t / warmup_steps)
+    return 1.0 + a * (rmax - 1.0), a * dmax
+
+
+class _RenormMixin:
+    """Batch Renorm's parameters, the r/d computation and the running-stat update.
+
+    Shared by the single-process layers below and ``norms.sync.SyncBatchRenorm``.
+    """
+
+    def _init_renorm(self, rmax: float, dmax: float, warmup_steps: int) -> None:
+        if rmax < 1.0:
+            raise ValueError(f"rmax must be >= 1, got rmax={rmax}")
+        if dmax < 0.0:
+            raise ValueError(f"dmax must be >= 0, got dmax={dmax}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got warmup_steps={warmup_steps}")
+        self.rmax, self.dmax, self.warmup_steps = float(rmax), float(dmax), int(warmup_steps)
+        # Diagnostics of the last training forward (not state: kept out of state_dict).
+        self.last_r: torch.Tensor | None = None
+        self.last_d: torch.Tensor | None = None
+        self.last_limits: tuple[float, float] = (1.0, 0.0)
+
+    def _renorm_extra_repr(self) -> str:
+        return f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}"
+
+    def _momentum_factor(self) -> float:
+        # nn.BatchNorm's rule; called after num_batches_tracked was incremented.
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def _renorm_train(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        """Training forward with running statistics: stats, r/d, update, normalize."""
+        mean, var, count = batch_stats(x)
+        total = count
+        if group is not None:
+            mean, var, total = sync_stats(mean, var, count, group)
+        if total == 0:  # empty global batch: nothing to learn from, no buffer moves
+            return normalize(x, self.weight, self.bias, mean, var, self.eps, group=group, total=0)
+        if total <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{list(x.shape)}"
+            )
+        rmax_t, dmax_t = renorm_limits(
+            self.rmax, self.dmax, self.warmup_steps, int(self.num_batches_tracked)
+        )
+        eps = self.eps
+        # Per-channel work is a handful of C-sized ops; on a slow-dispatch CPU each costs
+        # ~5-10 us, so they are kept few and batched with _foreach ops.
+        with torch.no_grad():
+            acc = mean.dtype
+            run_mean, run_var = self.running_mean, self.running_var
+            if run_mean.dtype != acc:
+                run_mean, run_var = run_mean.to(acc), run_var.to(acc)
+            # sigma_R from the running stats *before* this step's update.
+            inv_sigma_r, invstd = torch._foreach_add([run_var, var], eps)
+            torch._foreach_rsqrt_([inv_sigma_r, invstd])
+            r = torch.div(inv_sigma_r, invstd)  # sigma_B / sigma_R
+            d = torch.sub(mean, run_mean).mul_(inv_sigma_r)
+            torch._foreach_clamp_min_([r, d], [1.0 / rmax_t, -dmax_t])
+            torch._foreach_clamp_max_([r, d], [rmax_t, dmax_t])
+            self.num_batches_tracked.add_(1)
+            unbiased = var * (total / (total - 1))
+            new = (mean, unbiased)
+            if self.running_mean.dtype != acc:
+                new = (mean.to(self.running_mean.dtype), unbiased.to(self.running_var.dtype))
+            torch._foreach_lerp_(
+                [self.running_mean, self.running_var], list(new), self._momentum_factor()
+            )
+        self.last_r, self.last_d, self.last_limits = r, d, (rmax_t, dmax_t)
+        return normalize(
+            x,
+            self.weight,
+            self.bias,
+            mean,
+            var,
+            eps,
+            r=r,
+            d=d,
+            group=group,
+            total=total,
+            invstd=invstd,
+        )
+
+    def renorm_stats(self) -> dict[str, float]:
+        """Clip diagnostics of the last training forward: how hard r and d are working.
+
+        ``r_clipped``/``d_clipped``: fraction of channels at their clip limit (only
+        meaningful once the limits exceed (1, 0)); ``r_dev``: mean |r - 1|;
+        ``d_abs``: mean |d|.
+        """
+        if self.last_r is None:
+            return {}
+        r, d = self.last_r, self.last_d
+        rmax_t, dmax_t = self.last_limits
+        tol = 1e-6
+        r_clip = (r >= rmax_t * (1 - tol)) | (r <= (1 / rmax_t) * (1 + tol))
+        d_clip = d.abs() >= dmax_t * (1 - tol)
+        return {
+            "rmax_t": rmax_t,
+            "dmax_t": dmax_t,
+            "r_clipped": r_clip.float().mean().item(),
+            "d_clipped": d_clip.float().mean().item(),
+            "r_dev": (r - 1).abs().mean().item(),
+            "d_abs": d.abs().mean().item(),
+        }
+
+
+class _BatchRenorm(_RenormMixin, _BatchNorm):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        warmup_steps: int = 5000,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self._init_renorm(rmax, dmax, warmup_steps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._renorm_extra_repr()}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if self.training and self.track_running_stats:
+            return self._renorm_train(x)
+        # Eval with running stats, or no running stats at all (then r=1, d=0 and this is
+        # BatchNorm on batch statistics): exactly nn.BatchNorm's fused path.
+        use_batch = self.training or not self.track_running_stats
+        return F.batch_norm(
+            x,
+            self.running_mean if not use_batch else None,
+            self.running_var if not use_batch else None,
+            self.weight,
+            self.bias,
+            use_batch,
+            0.0,
+            self.eps,
+        )
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renorm over (N, C) or (N, C, L) input; drop-in for ``nn.BatchNorm1d``."""
+
+    _check_input_dim = nn.BatchNorm1d._check_input_dim
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renorm over (N, C, H, W) input; drop-in for ``nn.BatchNorm2d``."""
+
+    _check_input_dim = nn.BatchNorm2d._check_input_dim
+
+
+class BatchRenorm3d(_BatchRenorm):
+    """Batch Renorm over (N, C, D, H, W) input; drop-in for ``nn.BatchNorm3d``."""
+
+    _check_input_dim = nn.BatchNorm3d._check_input_dim
