@@ -1,0 +1,61 @@
+"""Independent float64 references of the papers' formulas, written out op by op.
+
+Nothing here imports ``norms``: the tests compare the library against these.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _dims_and_shape(x: torch.Tensor):
+    return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+
+
+def batch_renorm_step(x, weight, bias, state, *, eps, momentum, rmax, dmax, warmup_steps):
+    """One Batch Renorm training forward (Ioffe 2017, Algorithm 1 with a linear ramp).
+
+    ``state`` = dict(mean, var, nbt) is read (values before the update) and replaced by
+    the updated running statistics.  Returns y, differentiable w.r.t. x, weight, bias,
+    with r and d as constants (the paper's stop_gradient).
+    """
+    dims, shape = _dims_and_shape(x)
+    n = x.numel() // x.shape[1]
+    mu = x.mean(dims)
+    var = ((x - mu.view(shape)) ** 2).mean(dims)  # biased
+    sigma_b = torch.sqrt(var + eps)
+    sigma_r = torch.sqrt(state["var"] + eps)
+    t = state["nbt"]
+    a = 1.0 if warmup_steps == 0 else min(1.0, t / warmup_steps)
+    rmax_t, dmax_t = 1 + a * (rmax - 1), a * dmax
+    r = torch.clamp(sigma_b.detach() / sigma_r, 1 / rmax_t, rmax_t)
+    d = torch.clamp((mu.detach() - state["mean"]) / sigma_r, -dmax_t, dmax_t)
+    x_hat = (x - mu.view(shape)) / sigma_b.view(shape)
+    y = weight.view(shape) * (r.view(shape) * x_hat + d.view(shape)) + bias.view(shape)
+    nbt = t + 1
+    f = 1.0 / nbt if momentum is None else momentum
+    state.update(
+        mean=(1 - f) * state["mean"] + f * mu.detach(),
+        var=(1 - f) * state["var"] + f * var.detach() * n / (n - 1),  # unbiased
+        nbt=nbt,
+        r=r,
+        d=d,
+        limits=(rmax_t, dmax_t),
+    )
+    return y
+
+
+def running_norm(x, weight, bias, mean, var, eps):
+    """Eval-mode normalization with given statistics."""
+    _, shape = _dims_and_shape(x)
+    return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * weight.view(
+        shape
+    ) + bias.view(shape)
+
+
+def weight_standardize(w, eps):
+    """Qiao et al. 2019: per output channel, biased variance, eps inside the root."""
+    flat = w.reshape(w.shape[0], -1)
+    mean = flat.mean(1, keepdim=True)
+    var = ((flat - mean) ** 2).mean(1, keepdim=True)
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape_as(w)

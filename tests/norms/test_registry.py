@@ -1,0 +1,54 @@
+import pytest
+import torch
+from torch import nn
+
+import norms
+from norms import available_norms, build_norm, register_norm
+from norms.registry import _NORMS
+
+KINDS = ["bn", "brn", "frozenbn", "gn", "none", "syncbn", "syncbrn"]
+
+
+def test_builtin_kinds():
+    assert available_norms() == KINDS
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_builds_and_runs_train_and_eval(kind):
+    layer = build_norm(kind, 16, eps=1e-3)
+    x = torch.randn(4, 16, 5, 5) * 2 + 1
+    for mode in (True, False):
+        layer.train(mode)
+        y = layer(x)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+    if kind != "none":
+        assert layer.eps == 1e-3
+
+
+def test_kind_specific_keywords():
+    assert build_norm("brn", 8, rmax=2.0).rmax == 2.0
+    assert build_norm("gn", 64).num_groups == 32
+    assert build_norm("gn", 64, num_groups=8).num_groups == 8
+    assert isinstance(build_norm("frozenbn", 8), norms.FrozenBatchNorm2d)
+
+
+def test_unknown_kind_lists_valid_kinds():
+    with pytest.raises(ValueError, match=r"unknown norm kind 'batchnorm'.*bn, brn, frozenbn"):
+        build_norm("batchnorm", 8)
+
+
+def test_register_norm_decorator_and_duplicates():
+    try:
+
+        @register_norm("ln2d")
+        def layer_norm_2d(num_features, eps=1e-5):
+            return nn.GroupNorm(1, num_features, eps=eps)
+
+        assert isinstance(build_norm("ln2d", 4), nn.GroupNorm)
+        assert "ln2d" in available_norms()
+        with pytest.raises(ValueError, match="already registered"):
+            register_norm("ln2d")(layer_norm_2d)
+        with pytest.raises(ValueError, match="lowercase"):
+            register_norm("LN")(layer_norm_2d)
+    finally:
+        _NORMS.pop("ln2d", None)
