@@ -1,0 +1,312 @@
+"""Speed and memory of normpilot's norm layers against nn.BatchNorm2d / nn.Conv2d.
+
+    python bench/norms.py [--repeats 60] [--device cpu|cuda|all] [--out bench/results]
+
+Every layer's forward+backward is timed *interleaved* with its own nn.BatchNorm2d in one
+process (alternating blocks of steps) and reported as the ratio of medians, so drifts in
+machine load hit both alike.  Sync layers are timed
+twice: in a process group of size 1 (the fallback path) and on 2 gloo processes over
+127.0.0.1 (each rank holds the full shape; ratio to local BN in the same processes).
+Memory: bytes an autograd training step keeps alive for backward (saved tensors + output)
+on CPU, ``max_memory_allocated`` on CUDA.  Writes ``norms.json`` and ``norms.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from norms import (  # noqa: E402
+    BatchRenorm2d,
+    SyncBatchNorm,
+    SyncBatchRenorm,
+    WSConv2d,
+    group_norm,
+)
+
+SHAPES = [(8, 64, 56, 56), (4, 256, 28, 28), (2, 32, 112, 112)]
+CONV_SHAPE = (4, 256, 32, 32)
+TARGETS = {  # (layer, device) -> max ratio, from the issue
+    ("brn", "cpu"): 1.25,
+    ("brn", "cuda"): 1.10,
+    ("syncbn_1rank", "cpu"): 1.10,
+    ("syncbn_1rank", "cuda"): 1.10,
+    ("wsconv", "cpu"): 1.10,
+    ("wsconv", "cuda"): 1.10,
+}
+
+
+def norm_layers(c: int) -> dict[str, nn.Module]:
+    return {
+        "bn": nn.BatchNorm2d(c),
+        # warmup_steps=0: full clip limits, the steady-state cost.
+        "brn": BatchRenorm2d(c, warmup_steps=0),
+        "syncbn_1rank": SyncBatchNorm(c),
+        "syncbrn_1rank": SyncBatchRenorm(c, warmup_steps=0),
+        "gn": group_norm(c),
+    }
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(layers: dict[str, nn.Module], shape, device: str, repeats: int, block=3):
+    """Median forward+backward seconds of each layer, timed round-robin.
+
+    Each sample is a block of ``block`` steps (less timer and scheduler noise), and the
+    order of layers rotates every round so no layer always runs right after another.
+    """
+    x = torch.randn(shape, device=device).requires_grad_()
+    dy = torch.randn(shape, device=device)
+    times: dict[str, list[float]] = {k: [] for k in layers}
+    for layer in layers.values():
+        layer.to(device).train()
+        for _ in range(3):  # warm-up: allocator, lazy init
+            layer(x).backward(dy)
+    order = list(layers)
+    for i in range(repeats):
+        for name in order[i % len(order) :] + order[: i % len(order)]:
+            layer = layers[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(block):
+                x.grad = None
+                layer(x).backward(dy)
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / block)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_memory(layer: nn.Module, shape, device: str) -> int:
+    x = torch.randn(shape, device=device).requires_grad_()
+    layer.to(device).train()
+    layer(x).backward(torch.ones_like(x))  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    # x itself is the caller's; count what the layer adds: output + saved non-inputs.
+    saved.pop(x.data_ptr(), None)
+    return sum(saved.values()) + y.numel() * y.element_size()
+
+
+def bench_device(device: str, repeats: int) -> list[dict]:
+    rows = []
+    for shape in SHAPES:
+        # Each layer is paired with its own BN baseline, interleaved step by step.
+        med = {}
+        for name, layer in norm_layers(shape[1]).items():
+            if name != "bn":
+                pair = interleaved(
+                    {"bn": nn.BatchNorm2d(shape[1]), name: layer}, shape, device, repeats
+                )
+                med[name] = (pair[name], pair["bn"])
+        bn_ms = statistics.median(t_bn for _, t_bn in med.values())
+        mem_bn = step_memory(nn.BatchNorm2d(shape[1]), shape, device)
+        mem_brn = step_memory(BatchRenorm2d(shape[1], warmup_steps=0), shape, device)
+        rows.append(
+            dict(
+                device=device,
+                shape=list(shape),
+                layer="bn",
+                ms=bn_ms * 1e3,
+                ratio=1.0,
+                baseline="bn",
+            )
+        )
+        for name, (t, t_bn) in med.items():
+            rows.append(
+                dict(
+                    device=device,
+                    shape=list(shape),
+                    layer=name,
+                    ms=t * 1e3,
+                    ratio=t / t_bn,
+                    baseline="bn",
+                )
+            )
+        rows.append(
+            dict(
+                device=device,
+                shape=list(shape),
+                layer="brn_step_memory",
+                bytes=mem_brn,
+                baseline_bytes=mem_bn,
+                ratio=mem_brn / mem_bn,
+                baseline="bn",
+            )
+        )
+    conv = nn.Conv2d(256, 256, 3, padding=1)
+    ws = WSConv2d(256, 256, 3, padding=1)
+    med = interleaved({"conv": conv, "wsconv": ws}, CONV_SHAPE, device, max(10, repeats // 4))
+    rows.append(
+        dict(
+            device=device,
+            shape=list(CONV_SHAPE),
+            layer="wsconv",
+            ms=med["wsconv"] * 1e3,
+            ratio=med["wsconv"] / med["conv"],
+            baseline="conv 256->256 3x3",
+        )
+    )
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_worker(rank: int, port: int, repeats: int, out: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torch.set_num_threads(1)  # 2 ranks share this machine's cores
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        rows = []
+        for shape in SHAPES:
+            c = shape[1]
+            layers = {
+                "bn": nn.BatchNorm2d(c),
+                "syncbn_2gloo": SyncBatchNorm(c),
+                "syncbrn_2gloo": SyncBatchRenorm(c, warmup_steps=0),
+            }
+            med = interleaved(layers, shape, "cpu", repeats)
+            for name, t in med.items():
+                rows.append(
+                    dict(
+                        device="cpu",
+                        shape=list(shape),
+                        layer=name,
+                        ms=t * 1e3,
+                        ratio=t / med["bn"],
+                        baseline="bn (same 2 processes)",
+                    )
+                )
+        if rank == 0:
+            Path(out).write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_two_ranks(repeats: int, tmp: Path) -> list[dict]:
+    out = tmp / "two_rank.json"
+    mp.spawn(_two_rank_worker, args=(_free_port(), repeats, str(out)), nprocs=2)
+    rows = [r for r in json.loads(out.read_text()) if r["layer"] != "bn"]
+    out.unlink()
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    if torch.cuda.is_available():
+        desc += f"; {torch.cuda.get_device_name()}"
+    return desc
+
+
+def markdown(rows: list[dict], desc: str) -> str:
+    lines = [
+        f"Machine: {desc}  ",
+        f"Date: {time.strftime('%Y-%m-%d')}",
+        "",
+        "| device | shape | layer | ms | ratio | vs | target |",
+        "|---|---|---|---:|---:|---|---|",
+    ]
+    for r in rows:
+        target = TARGETS.get((r["layer"], r["device"]))
+        verdict = (
+            "" if target is None else (f"<= {target} {'ok' if r['ratio'] <= target else 'MISSED'}")
+        )
+        ms = f"{r['ms']:.3f}" if "ms" in r else f"{r['bytes'] / 2**20:.1f} MiB"
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(
+            f"| {r['device']} | {shape} | {r['layer']} | {ms} | "
+            f"{r['ratio']:.3f} | {r['baseline']} | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=60)
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    p.add_argument("--no-dist", action="store_true", help="skip the 2-process gloo run")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+
+    # A real process group of size 1, so "1 rank" exercises the sync layers' fallback.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        rows = [r for d in devices for r in bench_device(d, args.repeats)]
+    finally:
+        dist.destroy_process_group()
+    if not args.no_dist and "cpu" in devices:
+        rows += bench_two_ranks(max(10, args.repeats // 2), args.out)
+
+    desc = machine()
+    (args.out / "norms.json").write_text(json.dumps({"machine": desc, "rows": rows}, indent=1))
+    table = markdown(rows, desc)
+    (args.out / "norms.md").write_text(table)
+    print(table)
+    missed = [r for r in rows if (t := TARGETS.get((r["layer"], r["device"]))) and r["ratio"] > t]
+    print(
+        f"results in {args.out}/norms.json and norms.md; {len(missed)} target(s) missed"
+        if missed
+        else "all targets met"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
