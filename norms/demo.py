@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from norms import build_norm, convert_norms
+from norms import available_norms, build_norm, convert_norms
 
 CLASSES = 4  # horizontal, vertical, diagonal, anti-diagonal bar
 
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     val = make_data(500, 24, seed=2)
     print(
         f"norms demo: 3-block CNN, batch {args.batch}, {args.steps} SGD steps, "
-        f"eval with running statistics; kinds available: bn brn gn ..."
+        f"eval with running statistics (registered kinds: {', '.join(available_norms())})"
     )
     print(f"{'kind':<6} {'val acc':>8} {'last loss':>10} {'time':>6}")
     for kind in ("bn", "brn", "gn"):
