@@ -1,0 +1,134 @@
+import pytest
+
+from norms import PARTS, NormPolicy, select_norm
+
+
+@pytest.mark.parametrize(
+    "world,batch,expected",
+    [
+        (1, 16, "bn"),
+        (1, 64, "bn"),
+        (1, 15, "brn"),
+        (1, 1, "brn"),
+        (8, 2, "syncbn"),  # 16 >= 16
+        (2, 8, "syncbn"),
+        (64, 1, "syncbn"),
+        (2, 7, "syncbrn"),  # 14 < 16
+        (3, 5, "syncbrn"),
+    ],
+)
+@pytest.mark.parametrize("part", ["backbone", "neck"])
+def test_default_table_backbone_and_neck(world, batch, expected, part):
+    choice = select_norm(world, batch, part)
+    assert (choice.kind, choice.ws, choice.part) == (expected, False, part)
+
+
+@pytest.mark.parametrize("world,batch", [(1, 1), (1, 64), (8, 2), (2, 4)])
+def test_default_head_is_gn_with_ws(world, batch):
+    choice = select_norm(world, batch, "head")
+    assert (choice.kind, choice.ws, choice.impl) == ("gn", True, "plain")
+
+
+def test_reasons_carry_the_numbers():
+    assert select_norm(8, 2).reason == (
+        "world_size 8 x per_device_batch 2 = 16 >= min_batch 16: SyncBN over all ranks"
+    )
+    assert "per_device_batch 4 < min_batch 16" in select_norm(1, 4).reason
+    assert "2 x per_device_batch 4 = 8 < min_batch 16" in select_norm(2, 4).reason
+    assert "32 groups of 64 channels" in select_norm(1, 2, "head", channels=[64]).reason
+
+
+def test_min_batch_knob():
+    p = NormPolicy(min_batch=4)
+    assert select_norm(1, 4, policy=p).kind == "bn"
+    assert select_norm(1, 3, policy=p).kind == "brn"
+    assert select_norm(2, 2, policy=p).kind == "syncbn"
+    assert select_norm(8, 2, policy=NormPolicy(min_batch=32)).kind == "syncbrn"
+
+
+def test_local_bn_batch_knob():
+    p = NormPolicy(local_bn_batch=32)
+    choice = select_norm(4, 32, policy=p)
+    assert choice.kind == "bn" and "local_bn_batch 32" in choice.reason
+    assert select_norm(4, 31, policy=p).kind == "syncbn"
+    assert select_norm(4, 64).kind == "syncbn"  # off by default
+    assert select_norm(1, 32, policy=p).kind == "bn"  # world size 1: the ordinary rule
+
+
+def test_head_kind_same_and_head_ws():
+    p = NormPolicy(head_kind="same", head_ws=False)
+    assert (select_norm(1, 2, "head", p).kind, select_norm(1, 2, "head", p).ws) == ("brn", False)
+    assert select_norm(8, 4, "head", p).kind == "syncbn"
+    assert select_norm(1, 2, "head", NormPolicy(head_ws=False)).ws is False
+
+
+def test_frozenbn_for_pretrained_backbone_with_freezing():
+    p = NormPolicy(freeze_bn=True, pretrained_backbone=True)
+    assert select_norm(8, 2, "backbone", p).kind == "frozenbn"
+    assert select_norm(8, 2, "neck", p).kind == "syncbn"  # only the pretrained backbone
+    no_weights = select_norm(8, 2, "backbone", NormPolicy(freeze_bn=True))
+    assert no_weights.kind == "syncbn" and "freeze_bn ignored" in no_weights.reason
+    assert select_norm(8, 2, "backbone", NormPolicy(pretrained_backbone=True)).kind == "syncbn"
+
+
+def test_override_wins_and_says_so():
+    p = NormPolicy(
+        override={"backbone": "gn", "head": "bn"}, freeze_bn=True, pretrained_backbone=True
+    )
+    b = select_norm(8, 2, "backbone", p)
+    assert b.kind == "gn" and b.reason.startswith("override norm.override.backbone=gn")
+    assert "policy would pick syncbn" in b.reason
+    h = select_norm(1, 2, "head", p)
+    assert h.kind == "bn" and h.ws and "norm.override.head=bn" in h.reason
+    assert select_norm(8, 2, "neck", p).kind == "syncbn"
+
+
+@pytest.mark.parametrize(
+    "kind,world,device,backend,impl",
+    [
+        ("syncbn", 8, "cuda", None, "torch-fused"),
+        ("syncbn", 8, "cuda", "nccl", "torch-fused"),
+        ("syncbn", 8, "cuda", "gloo", "portable"),
+        ("syncbn", 8, "cpu", None, "portable"),
+        ("syncbrn", 2, "cuda", "nccl", "portable"),
+        ("syncbn", 1, "cuda", "nccl", "plain"),
+        ("bn", 8, "cuda", "nccl", "plain"),
+    ],
+)
+def test_impl_from_device_and_backend(kind, world, device, backend, impl):
+    p = NormPolicy(override={"backbone": kind})
+    assert select_norm(world, 2, policy=p, device=device, backend=backend).impl == impl
+
+
+def test_every_part_is_known():
+    assert PARTS == ("backbone", "neck", "head")
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: select_norm(0, 2), r"world_size=0"),
+        (lambda: select_norm(-1, 2), r"world_size=-1"),
+        (lambda: select_norm(2, 0), r"per_device_batch=0"),
+        (lambda: select_norm(2, 2, "tail"), r"part='tail'.*backbone, neck, head"),
+        (
+            lambda: NormPolicy(override={"backbone": "layernorm"}),
+            r"norm.override.backbone='layernorm'.*valid kinds: bn",
+        ),
+        (lambda: NormPolicy(override={"torso": "bn"}), r"unknown part 'torso'"),
+        (lambda: NormPolicy(min_batch=0), r"norm.policy.min_batch.*0"),
+        (lambda: NormPolicy(head_kind="bn"), r"norm.policy.head_kind.*'bn'"),
+        (
+            lambda: select_norm(1, 2, "head", NormPolicy(gn_groups=24), channels=[64]),
+            r"gn_groups=24 does not divide the 64 channels of a head layer",
+        ),
+    ],
+)
+def test_bad_input_names_field_and_value(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_gn_groups_that_divide_pass():
+    choice = select_norm(1, 2, "head", NormPolicy(gn_groups=16), channels=[64, 256])
+    assert "16 groups of 64 channels, 16 groups of 256 channels" in choice.reason

@@ -1,0 +1,76 @@
+"""``python -m trainer <command>``: the service's command line.
+
+    python -m trainer policy --config C [--world-size W] [--device cpu|cuda] [key=value ...]
+
+``policy`` prints the per-part norm decisions for any world size without building a
+model or starting workers, so a 64-GPU run can be planned on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from trainer.config import ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _policy(args: argparse.Namespace) -> int:
+    import torch
+
+    from trainer.norm_plan import format_table, plan_norms, resolve_device
+
+    cfg = load_config(args.config, args.overrides)
+    if args.device:
+        cfg.run.device = args.device
+    device, backend = resolve_device(cfg, torch.cuda.is_available())
+    plan = plan_norms(cfg, args.world_size, device, backend)
+    accum = cfg.train.grad_accum
+    print(
+        f"norm policy for {args.config} ({cfg.model.arch}): world_size {args.world_size}, "
+        f"per_device_batch {cfg.train.per_device_batch}"
+        + (f", grad_accum {accum} (does not enlarge a norm's batch)" if accum > 1 else "")
+        + f", {device}/{backend}\n"
+    )
+    print(format_table(plan))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("policy", help="print the norm decision for each model part")
+    p.add_argument("--config", required=True, help="YAML preset, e.g. configs/shapes_det.yaml")
+    p.add_argument(
+        "--world-size",
+        type=_positive_int,
+        default=int(os.environ.get("WORLD_SIZE", "1")),
+        help="number of processes to plan for (default: $WORLD_SIZE or 1)",
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], help="plan for this device (default: run.device)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_policy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the policy's own input checks (e.g. GN groups vs channels)
+        print(f"error: {e}", file=sys.stderr)
+        return 2

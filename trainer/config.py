@@ -1,0 +1,288 @@
+"""Typed run configuration: dataclass schema + YAML preset + ``key=value`` overrides.
+
+``load_config(path, overrides)`` merges, in order, the schema's defaults, the YAML file
+and the command-line overrides (OmegaConf dotlist syntax: ``train.per_device_batch=2``,
+``norm.override.head=null``).  Unknown keys, wrong types, missing required values
+(``???``) and out-of-range values fail here, before any model or worker exists, with the
+dotted key in the message.  Interpolations (``${train.per_device_batch}``) are resolved
+once; the resolved config is what runs, and what gets saved and logged.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+__all__ = ["Config", "ConfigError", "load_config", "to_yaml", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key and the value."""
+
+
+def _one_of(key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, options))}")
+
+
+def _at_least(key: str, value: Any, low: float, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < low:
+        raise ConfigError(f"{key} must be >= {low}{' or null' if allow_none else ''}, got {value}")
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING  # required: every run has a name (its output folder)
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("run.device", self.device, ("auto", "cpu", "cuda"))
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name must be a non-empty folder name, got {self.name!r}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # shapes (generated) | coco | imagefolder
+    root: str = "data/shapes"
+    image_size: int = 96
+    num_train: int = 2000  # shapes only: images generated per split
+    num_val: int = 300
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _one_of("data.dataset", self.dataset, ("shapes", "coco", "imagefolder"))
+        _at_least("data.image_size", self.image_size, 16)
+        _at_least("data.num_train", self.num_train, 1)
+        _at_least("data.num_val", self.num_val, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+
+
+DETECTION_ARCHS = (
+    "fcos_resnet18_fpn",
+    "fcos_resnet50_fpn",
+    "retinanet_resnet18_fpn",
+    "retinanet_resnet50_fpn",
+)
+CLASSIFICATION_ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "fcos_resnet18_fpn"
+    num_classes: int = 3
+    fpn_channels: int = 64
+    backbone_weights: str | None = None  # local path to torchvision backbone weights
+
+    def __post_init__(self) -> None:
+        _one_of("model.arch", self.arch, DETECTION_ARCHS + CLASSIFICATION_ARCHS)
+        _at_least("model.num_classes", self.num_classes, 1)
+        _at_least("model.fpn_channels", self.fpn_channels, 1)
+
+    @property
+    def task(self) -> str:
+        return "detection" if self.arch in DETECTION_ARCHS else "classification"
+
+
+@dataclass
+class TrainConfig:
+    per_device_batch: int = 4  # samples in one forward pass of one process
+    grad_accum: int = 1  # micro-batches per optimizer step (does not enlarge norm batches)
+    max_steps: int = 500  # optimizer steps
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01  # at ref_batch; scaled linearly with the global batch
+    ref_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    clip_grad_norm: float | None = 10.0
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: evaluate at the end only
+
+    def __post_init__(self) -> None:
+        _at_least("train.per_device_batch", self.per_device_batch, 1)
+        _at_least("train.grad_accum", self.grad_accum, 1)
+        _at_least("train.max_steps", self.max_steps, 1)
+        _one_of("train.optimizer", self.optimizer, ("sgd", "adamw"))
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        _at_least("train.ref_batch", self.ref_batch, 1)
+        _at_least("train.weight_decay", self.weight_decay, 0)
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _at_least("train.clip_grad_norm", self.clip_grad_norm, 0, allow_none=True)
+        _one_of("train.amp", self.amp, ("none", "bf16", "fp16"))
+        _at_least("train.log_interval", self.log_interval, 1)
+        _at_least("train.eval_interval", self.eval_interval, 0)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # optimizer steps between checkpoints (and one at the end)
+    keep: int = 3  # newest checkpoints kept
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint.interval", self.interval, 1)
+        _at_least("checkpoint.keep", self.keep, 1)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "normpilot"
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("wandb.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class NormPolicyConfig:
+    min_batch: int = 16
+    local_bn_batch: int | None = None  # keep local BN at/above this per-device batch
+    head_kind: str = "gn"  # gn | same
+    head_ws: bool = True
+    freeze_bn: bool = False  # frozenbn for a backbone loaded from model.backbone_weights
+    gn_groups: int | None = None  # null: choose_groups(C)
+
+    def __post_init__(self) -> None:
+        _at_least("norm.policy.min_batch", self.min_batch, 1)
+        _at_least("norm.policy.local_bn_batch", self.local_bn_batch, 1, allow_none=True)
+        _one_of("norm.policy.head_kind", self.head_kind, ("gn", "same"))
+        _at_least("norm.policy.gn_groups", self.gn_groups, 1, allow_none=True)
+
+
+@dataclass
+class NormOverrideConfig:
+    backbone: str | None = None  # null: let the policy decide
+    neck: str | None = None
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        from norms import available_norms
+
+        for part in ("backbone", "neck", "head"):
+            kind = getattr(self, part)
+            if kind is not None and kind not in available_norms():
+                raise ConfigError(
+                    f"norm.override.{part}={kind!r} is not a norm kind; valid kinds: "
+                    f"{', '.join(available_norms())}"
+                )
+
+
+@dataclass
+class BatchRenormConfig:
+    rmax: float = 3.0
+    dmax: float = 5.0
+    warmup_steps: int = 5000  # training forwards over which the clip limits ramp up
+
+    def __post_init__(self) -> None:
+        _at_least("norm.brn.rmax", self.rmax, 1.0)
+        _at_least("norm.brn.dmax", self.dmax, 0.0)
+        _at_least("norm.brn.warmup_steps", self.warmup_steps, 0)
+
+
+@dataclass
+class NormConfig:
+    policy: NormPolicyConfig = field(default_factory=NormPolicyConfig)
+    override: NormOverrideConfig = field(default_factory=NormOverrideConfig)
+    brn: BatchRenormConfig = field(default_factory=BatchRenormConfig)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        _one_of("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        _at_least("dist.timeout_s", self.timeout_s, 1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+def _known_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if callable(f.default_factory) else None
+        if is_dataclass(default):
+            keys += _known_keys(type(default), key + ".")
+        else:
+            keys.append(key)
+    return keys
+
+
+def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        close = difflib.get_close_matches(key, _known_keys(Config), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return ConfigError(f"unknown config key {key} in {source}{hint}")
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(f"{key}: {msg} (in {source})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Schema defaults <- YAML file <- ``key=value`` overrides, validated and resolved."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {str(path)!r}: no such file")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise _wrap(e, str(path)) from None
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _wrap(e, f"override {item!r}") from None
+    try:
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as e:
+        raise _wrap(e, "interpolation") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        # __post_init__ errors arrive wrapped; surface our own message unchanged.
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise _wrap(e, "config") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
