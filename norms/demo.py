@@ -3,7 +3,7 @@
 ``python -m norms.demo [--steps N] [--batch B]`` trains the same small CNN three times on a
 learnable synthetic task (which way a noisy bar points, drawn at a random brightness, so
 per-batch statistics really are noisy) and prints validation accuracy with eval-mode
-(running-statistics) normalization.  ``make train`` runs this until the trainer lands.
+(running-statistics) normalization.  ``make demo`` runs it.
 """
 
 from __future__ import annotations

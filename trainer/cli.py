@@ -1,5 +1,6 @@
 """``python -m trainer <command>``: the service's command line.
 
+    python -m trainer train  --config C [key=value ...]      (also under torchrun)
     python -m trainer policy --config C [--world-size W] [--device cpu|cuda] [key=value ...]
 
 ``policy`` prints the per-part norm decisions for any world size without building a
@@ -38,6 +39,20 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from trainer.distributed import init_distributed, teardown
+    from trainer.loop import train
+
+    # Everything that can be checked without workers is checked before any group forms.
+    cfg = load_config(args.config, args.overrides)
+    env = init_distributed(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        train(cfg, env)
+    finally:
+        teardown()
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -61,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_policy)
+
+    t = sub.add_parser("train", help="train (resumes from the run folder's newest checkpoint)")
+    t.add_argument("--config", required=True, help="YAML preset, e.g. configs/shapes_det.yaml")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    t.set_defaults(func=_train)
     return parser
 
 
@@ -71,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # the policy's own input checks (e.g. GN groups vs channels)
-        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # policy, data and checkpoint checks: user errors, no traceback
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,166 @@
+"""Bad input fails with a clear error naming the file or key, and leaves earlier
+checkpoints untouched."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import FAST_DET, ROOT
+from tests.trainer.test_train import PY, run, torchrun_cmd, train_cmd
+from trainer.cli import main
+from trainer.data.shapes import ensure_shapes
+
+DET = str(ROOT / "configs/shapes_det.yaml")
+
+
+@pytest.fixture
+def coco_copy(tmp_path, data_root):
+    """A private COCO-format copy of the tiny shapes set, free to corrupt."""
+    src = ensure_shapes(data_root, "detection", 24, 8, 64)
+    dst = tmp_path / "coco"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def train_coco(root, tmp_path, *extra):
+    return main(
+        [
+            "train",
+            "--config",
+            DET,
+            f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=bad",
+            *FAST_DET,
+            "data.dataset=coco",
+            f"data.root={root}",
+            *extra,
+        ]
+    )
+
+
+def test_missing_dataset_path(tmp_path, capsys):
+    assert train_coco(tmp_path / "nowhere", tmp_path) == 2
+    assert (
+        f"dataset root {tmp_path / 'nowhere'} (data.root) does not exist" in capsys.readouterr().err
+    )
+
+
+def test_empty_dataset(coco_copy, tmp_path, capsys):
+    ann = coco_copy / "annotations" / "instances_train.json"
+    data = json.loads(ann.read_text())
+    ann.write_text(json.dumps({**data, "images": [], "annotations": []}))
+    assert train_coco(coco_copy, tmp_path) == 2
+    assert f"annotation file {ann} lists no images" in capsys.readouterr().err
+
+
+def test_corrupt_annotation_file(coco_copy, tmp_path, capsys):
+    ann = coco_copy / "annotations" / "instances_val.json"
+    ann.write_text('{"images": [')
+    assert train_coco(coco_copy, tmp_path) == 2
+    assert f"annotation file {ann} is not valid JSON" in capsys.readouterr().err
+
+
+def test_image_listed_but_missing(coco_copy, tmp_path, capsys):
+    (coco_copy / "train" / "000003.png").unlink()
+    assert train_coco(coco_copy, tmp_path) == 2
+    assert "are missing from" in capsys.readouterr().err
+
+
+def test_batch_larger_than_dataset(coco_copy, tmp_path, capsys):
+    assert train_coco(coco_copy, tmp_path, "train.per_device_batch=64") == 2
+    err = capsys.readouterr().err
+    assert "train.per_device_batch=64" in err and "larger than the training set (24" in err
+
+
+def test_num_classes_mismatch(coco_copy, tmp_path, capsys):
+    assert train_coco(coco_copy, tmp_path, "model.num_classes=5") == 2
+    assert "model.num_classes=5 but the training data has 3 classes" in capsys.readouterr().err
+
+
+@pytest.mark.dist
+def test_corrupt_image_fails_every_rank_without_hanging(coco_copy, tmp_path):
+    for i in range(24):  # every training image is corrupt: whichever rank reads one fails
+        (coco_copy / "train" / f"{i:06d}.png").write_bytes(b"not a png")
+    cmd = torchrun_cmd(
+        2,
+        "-m",
+        "trainer",
+        "train",
+        "--config",
+        DET,
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=bad",
+        *FAST_DET,
+        "data.dataset=coco",
+        f"data.root={coco_copy}",
+    )
+    with pytest.raises(AssertionError) as failed:
+        run(cmd, timeout=120)  # a hang would raise TimeoutExpired instead
+    assert "cannot read image" in str(failed.value) and str(coco_copy / "train") in str(
+        failed.value
+    )
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (["model.arch=retinanet_resnet18_fpn"], "is from model.arch='fcos_resnet18_fpn'"),
+        (["model.fpn_channels=16"], "does not fit this model"),
+        (["norm.override.neck=gn"], "has neck norm 'brn', this run's policy picks 'gn'"),
+    ],
+)
+def test_checkpoint_from_another_model_is_refused_and_kept(
+    tmp_path, data_root, capsys, change, message
+):
+    out = tmp_path / "runs"
+    run(train_cmd(DET, out, data_root, "keep", *FAST_DET, "train.max_steps=2"))
+    ckpts = out / "keep" / "checkpoints"
+    before = _snapshot(ckpts)
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                DET,
+                f"run.output_dir={out}",
+                "run.name=keep",
+                f"data.root={data_root}",
+                *FAST_DET,
+                *change,
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert message in err and str(ckpts) in err
+    assert _snapshot(ckpts) == before
+
+
+def test_truncated_newest_checkpoint_is_skipped(tmp_path, data_root):
+    out = tmp_path / "runs"
+    run(train_cmd(DET, out, data_root, "trunc", *FAST_DET, "train.max_steps=4"))
+    newest = out / "trunc" / "checkpoints" / "step_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    proc = run(
+        [
+            PY,
+            "-m",
+            "trainer",
+            "train",
+            "--config",
+            DET,
+            f"run.output_dir={out}",
+            "run.name=trunc",
+            f"data.root={data_root}",
+            *FAST_DET,
+            "train.max_steps=4",
+        ]
+    )
+    assert "skipping unreadable checkpoint" in proc.stderr
+    assert "resumed from" in proc.stdout and "step_00000002.pt" in proc.stdout

@@ -1,0 +1,72 @@
+import pytest
+import torch
+from torch import nn
+
+from norms import BatchRenorm2d, NormPolicy, SyncBatchNorm, WSConv2d, select_norm
+from trainer.models import build_model
+
+
+def plan(world, batch, **policy):
+    p = NormPolicy(**policy)
+    return {part: select_norm(world, batch, part, p) for part in ("backbone", "neck", "head")}
+
+
+def norms_in(module, cls):
+    return [m for m in module.modules() if isinstance(m, cls)]
+
+
+@pytest.mark.parametrize("arch", ["fcos_resnet18_fpn", "retinanet_resnet18_fpn"])
+def test_detector_parts_get_their_norms(arch):
+    model = build_model(arch, 3, plan(1, 2), image_size=64, fpn_channels=48)
+    body, fpn, head = model.backbone.body, model.backbone.fpn, model.head
+    assert len(norms_in(body, BatchRenorm2d)) == 20 and not norms_in(body, nn.BatchNorm2d)
+    assert len(norms_in(fpn, BatchRenorm2d)) == 6  # 3 lateral + 3 output convs
+    gns = norms_in(head, nn.GroupNorm)
+    assert len(gns) == 8 and all(g.num_groups == 16 for g in gns)  # choose_groups(48)
+    towers = [head.classification_head.conv, head.regression_head.conv]
+    assert all(type(c) is WSConv2d for t in towers for c in t if isinstance(c, nn.Conv2d))
+    assert type(head.classification_head.cls_logits) is nn.Conv2d  # predictors untouched
+    model.train()
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1])}] * 2
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_multi_gpu_plan_and_overrides():
+    model = build_model(
+        "fcos_resnet18_fpn",
+        3,
+        plan(8, 2, head_ws=False, override={"head": "bn"}),
+        image_size=64,
+        fpn_channels=32,
+    )
+    assert len(norms_in(model.backbone.body, SyncBatchNorm)) == 20
+    assert len(norms_in(model.backbone.fpn, SyncBatchNorm)) == 6
+    assert len(norms_in(model.head, nn.BatchNorm2d)) == 8 and not norms_in(model.head, WSConv2d)
+
+
+def test_classifier_and_local_weights(tmp_path):
+    from torchvision.models import resnet18
+
+    weights = tmp_path / "r18.pt"
+    torch.manual_seed(3)
+    reference = resnet18()
+    torch.save(reference.state_dict(), weights)
+    model = build_model(
+        "resnet18",
+        3,
+        {"backbone": select_norm(1, 64)},
+        image_size=32,
+        backbone_weights=str(weights),
+    )
+    assert model.fc.out_features == 3
+    torch.testing.assert_close(model.conv1.weight, reference.conv1.weight)
+    with pytest.raises(ValueError, match="model.backbone_weights: .* does not exist"):
+        build_model(
+            "resnet18",
+            3,
+            {"backbone": select_norm(1, 64)},
+            image_size=32,
+            backbone_weights=str(tmp_path / "missing.pt"),
+        )

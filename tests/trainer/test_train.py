@@ -1,0 +1,247 @@
+"""End-to-end training runs on the CPU: artifacts, checkpoints, resume, signals, torchrun."""
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.trainer.conftest import FAST_CLS, FAST_DET, PY, ROOT, subprocess_env
+from tests.trainer.wandb_reader import history
+from trainer.checkpoint import list_checkpoints
+from trainer.cli import main
+
+DET = str(ROOT / "configs/shapes_det.yaml")
+CLS = str(ROOT / "configs/shapes_cls.yaml")
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_cmd(config, out, data_root, name, *extra):
+    return [
+        PY,
+        "-m",
+        "trainer",
+        "train",
+        "--config",
+        config,
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        f"data.root={data_root}",
+        *extra,
+    ]
+
+
+def torchrun_cmd(nproc, *args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        *args,
+    ]
+
+
+def run(cmd, timeout=300):
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
+    out = tmp_path / "runs"
+    run(train_cmd(DET, out, data_root, "det", *FAST_DET, "wandb.mode=offline"))
+    run_dir = out / "det"
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "per_device_batch: 2" in cfg and "${" not in cfg
+    policy = json.loads((run_dir / "policy.json").read_text())
+    assert policy["world_size"] == 1 and policy["per_device_batch"] == 2
+    assert {p: v["kind"] for p, v in policy["parts"].items()} == {
+        "backbone": "brn",
+        "neck": "brn",
+        "head": "gn",
+    }
+    assert set(policy["parts"]["head"]) == {"kind", "ws", "impl", "reason"}
+    metrics = rows(run_dir)
+    steps = [r for r in metrics if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all({"lr", "images_per_s", "brn_r_dev"} <= set(r) for r in steps)
+    final = metrics[-1]["eval"]
+    assert set(final) >= {"mAP", "mAP50"} and final["images"] == 8
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000004.pt", "step_00000002.pt"]
+    ck = torch.load(ckpts[0], weights_only=True)
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "step",
+        "epoch",
+        "batch_in_epoch",
+        "rng",
+        "config",
+        "policy",
+        "wandb_id",
+    } <= set(ck)
+    assert ck["step"] == 4 and ck["policy"] == policy
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    # The offline wandb run exists and holds what was logged.
+    [wandb_run] = list((run_dir / "wandb").glob("offline-run-*"))
+    assert ck["wandb_id"] and wandb_run.name.endswith(ck["wandb_id"])
+    logged = history(wandb_run / f"run-{ck['wandb_id']}.wandb")
+    losses = {r["step"]: r["loss"] for r in logged if "loss" in r}
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in steps})
+    assert any(r.get("eval/images") == 8 for r in logged)
+    assert any(r.get("policy/_type") == "table-file" for r in logged)
+    assert any(k.startswith("brn/") and k.endswith("/r_dev") for r in logged for k in r)
+
+
+def test_classification_run(tmp_path, data_root, capsys):
+    out = tmp_path / "runs"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                CLS,
+                f"run.output_dir={out}",
+                "run.name=cls",
+                f"data.root={data_root}",
+                *FAST_CLS,
+            ]
+        )
+        == 0
+    )
+    run_dir = out / "cls"
+    policy = json.loads((run_dir / "policy.json").read_text())
+    assert list(policy["parts"]) == ["backbone"] and policy["parts"]["backbone"]["kind"] == "brn"
+    final = rows(run_dir)[-1]["eval"]
+    assert 0.0 <= final["top1"] <= 1.0 and final["images"] == 9
+    assert "final eval" in capsys.readouterr().out
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(list_checkpoints(run_dir / "checkpoints")[0], weights_only=True)["model"]
+
+
+def _sigterm_after_step(cmd, run_dir: Path, step: int, timeout=120):
+    """Start a run, SIGTERM it once metrics.jsonl shows ``step``; return the process."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r.get("step", 0) >= step for r in rows(run_dir)):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc, out
+
+
+def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_root):
+    """SIGTERM mid-run saves a checkpoint at a step boundary and exits cleanly; the rerun
+    resumes from it, and the final weights equal a run that was never interrupted."""
+    common = [*FAST_DET, "train.max_steps=10", "checkpoint.interval=100", "run.deterministic=true"]
+    out = tmp_path / "runs"
+    run(train_cmd(DET, out, data_root, "straight", *common))
+
+    name = "interrupted"
+    proc, log = _sigterm_after_step(
+        train_cmd(DET, out, data_root, name, *common), out / name, step=2
+    )
+    assert proc.returncode == 0, log
+    assert "stop requested: checkpoint saved at step" in log
+    [ckpt] = list_checkpoints(out / name / "checkpoints")
+    stopped_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 2 <= stopped_at < 10  # interrupted, not finished
+    run(train_cmd(DET, out, data_root, name, *common))
+    events = [r for r in rows(out / name) if "event" in r]
+    assert [e["event"] for e in events] == ["preempted", "resume"]
+    assert events[1]["step"] == stopped_at
+    trained = [r["step"] for r in rows(out / name) if "loss" in r]
+    assert trained == list(range(1, 11))  # every step once: nothing before the stop redone
+
+    a, b = _weights(out / "straight"), _weights(out / name)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("batch,kind", [(4, "syncbrn"), (8, "syncbn")])
+def test_torchrun_two_processes(tmp_path, data_root, batch, kind):
+    out = tmp_path / "runs"
+    run(
+        torchrun_cmd(
+            2,
+            "-m",
+            "trainer",
+            "train",
+            "--config",
+            DET,
+            f"run.output_dir={out}",
+            "run.name=ddp",
+            f"data.root={data_root}",
+            *FAST_DET,
+            f"train.per_device_batch={batch}",
+            "data.num_train=32",
+            "train.max_steps=2",
+        )
+    )
+    policy = json.loads((out / "ddp" / "policy.json").read_text())
+    assert policy["world_size"] == 2
+    assert policy["parts"]["backbone"]["kind"] == kind == policy["parts"]["neck"]["kind"]
+    assert policy["parts"]["backbone"]["impl"] == "portable"
+    assert rows(out / "ddp")[-1]["eval"]["images"] == 8  # padded repeats not counted
+
+
+@pytest.mark.dist
+def test_resume_two_processes_then_one(tmp_path, data_root):
+    out = tmp_path / "runs"
+    args = [
+        "-m",
+        "trainer",
+        "train",
+        "--config",
+        DET,
+        f"run.output_dir={out}",
+        "run.name=ws",
+        f"data.root={data_root}",
+        *FAST_DET,
+        "train.per_device_batch=4",
+    ]
+    run(torchrun_cmd(2, *args, "train.max_steps=2"))
+    assert (
+        json.loads((out / "ws" / "policy.json").read_text())["parts"]["backbone"]["kind"]
+        == "syncbrn"
+    )
+    run([PY, *args, "train.max_steps=4"])
+    policy = json.loads((out / "ws" / "policy.json").read_text())
+    assert policy["world_size"] == 1 and policy["parts"]["backbone"]["kind"] == "brn"
+    resume = [r for r in rows(out / "ws") if r.get("event") == "resume"]
+    assert resume == [{"step": 2, "event": "resume", "world_size": 1}]
+    assert (
+        torch.load(list_checkpoints(out / "ws" / "checkpoints")[0], weights_only=True)["step"] == 4
+    )

@@ -1,0 +1,101 @@
+"""Datasets and loaders: the embedded shapes data or a user's COCO / ImageFolder set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from trainer.data.classification import IndexedImageFolder
+from trainer.data.coco import CocoDetection, collate_detection
+from trainer.data.errors import DataError
+from trainer.data.shapes import ensure_shapes, shapes_dir
+
+__all__ = ["DataError", "build_datasets", "train_loader", "eval_loader"]
+
+
+def build_datasets(
+    dataset: str,
+    root: str,
+    task: str,
+    *,
+    image_size: int,
+    num_train: int,
+    num_val: int,
+    seed: int,
+    generate: bool,
+):
+    """(train, val) datasets.  ``generate``: this process may create the shapes data
+    (local rank 0; the others wait at a barrier and then find it complete)."""
+    if dataset == "shapes":
+        if generate:
+            root = ensure_shapes(root, task, num_train, num_val, image_size, seed)
+        else:
+            root = shapes_dir(root, task, num_train, num_val, image_size, seed)
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset root {root} (data.root) does not exist")
+    if task == "detection":
+        make = lambda split, train: CocoDetection(  # noqa: E731
+            root / split, root / "annotations" / f"instances_{split}.json", train=train, seed=seed
+        )
+    else:
+        make = lambda split, train: IndexedImageFolder(root / split, train=train, seed=seed)  # noqa: E731
+    return make("train", True), make("val", False)
+
+
+class _ResumeSampler(Sampler):
+    """DistributedSampler's order for one epoch, from ``skip`` samples in."""
+
+    def __init__(self, base: DistributedSampler, skip: int):
+        self.base, self.skip = base, skip
+
+    def __iter__(self):
+        return iter(list(self.base)[self.skip :])
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)
+
+
+def train_loader(
+    ds,
+    *,
+    batch: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    epoch: int,
+    skip_batches: int,
+    workers: int,
+    task: str,
+) -> DataLoader:
+    if len(ds) < batch * world_size:
+        raise DataError(
+            f"train.per_device_batch={batch} x world_size {world_size} = {batch * world_size} "
+            f"is larger than the training set ({len(ds)} samples)"
+        )
+    ds.set_epoch(epoch)
+    base = DistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+    base.set_epoch(epoch)
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=_ResumeSampler(base, skip_batches * batch),
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=False,
+        collate_fn=collate_detection if task == "detection" else None,
+        generator=torch.Generator().manual_seed(seed + epoch),
+    )
+
+
+def eval_loader(ds, *, batch: int, world_size: int, rank: int, workers: int, task: str):
+    sampler = DistributedSampler(ds, world_size, rank, shuffle=False, drop_last=False)
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_detection if task == "detection" else None,
+    )

@@ -1,0 +1,104 @@
+"""COCO-format detection data: ``images`` + ``annotations`` (xywh boxes) + ``categories``.
+
+Category ids are mapped to contiguous labels 1..K (0 is background for torchvision's
+detectors).  The annotation file and the image files' existence are checked when the
+dataset is built, so a bad path fails at start-up on every rank, naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+
+from trainer.data.errors import DataError
+
+__all__ = ["CocoDetection", "collate_detection"]
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    def __init__(self, image_dir: str | Path, ann_file: str | Path, *, train: bool, seed: int = 0):
+        self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
+        if not self.ann_file.is_file():
+            raise DataError(f"annotation file {self.ann_file} does not exist")
+        if not self.image_dir.is_dir():
+            raise DataError(f"image folder {self.image_dir} does not exist")
+        try:
+            with open(self.ann_file) as f:
+                data = json.load(f)
+            images = data["images"]
+            anns = data["annotations"]
+            cats = sorted(c["id"] for c in data["categories"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"annotation file {self.ann_file} is not valid JSON: {e}") from None
+        except (KeyError, TypeError) as e:
+            raise DataError(
+                f"annotation file {self.ann_file} is not COCO format (missing {e})"
+            ) from None
+        if not images:
+            raise DataError(f"annotation file {self.ann_file} lists no images")
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(cats)}
+        self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
+        self.images = sorted(images, key=lambda im: im["id"])
+        self.boxes: dict[int, list] = {im["id"]: [] for im in self.images}
+        for a in anns:
+            if a.get("iscrowd", 0) or a["image_id"] not in self.boxes:
+                continue
+            x, y, w, h = a["bbox"]
+            if w > 1 and h > 1:
+                self.boxes[a["image_id"]].append(
+                    (x, y, x + w, y + h, self.cat_to_label[a["category_id"]])
+                )
+        missing = [
+            im["file_name"]
+            for im in self.images
+            if not (self.image_dir / im["file_name"]).is_file()
+        ]
+        if missing:
+            raise DataError(
+                f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
+                f"{self.image_dir}, e.g. {missing[0]}"
+            )
+        self.train, self.seed, self.epoch = train, seed, 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_to_label)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx: int):
+        info = self.images[idx]
+        path = self.image_dir / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                image = TF.to_image(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+        image = TF.to_dtype(image, torch.float32, scale=True)
+        rows = self.boxes[info["id"]]
+        boxes = torch.tensor([r[:4] for r in rows], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([r[4] for r in rows], dtype=torch.int64)
+        if self.train:
+            # Augmentation drawn from (seed, epoch, index), not from a global RNG, so a run
+            # resumed mid-epoch sees exactly the samples an uninterrupted run would.
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, idx)) & 0x7FFFFFFF)
+            if torch.rand((), generator=g) < 0.5:
+                width = image.shape[-1]
+                image = image.flip(-1)
+                boxes = torch.stack(
+                    [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1
+                )
+        return image, {"boxes": boxes, "labels": labels, "image_id": int(info["id"])}
+
+
+def collate_detection(batch):
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)

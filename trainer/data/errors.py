@@ -1,0 +1,2 @@
+class DataError(ValueError):
+    """A dataset problem; the message names the file or folder."""

@@ -1,0 +1,97 @@
+"""torchrun environment -> process group, device, and the few collectives the loop uses.
+
+Launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) the process joins a group:
+nccl on CUDA, gloo on CPU.  Otherwise it is a plain single process with no group at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from norms import SyncBatchNorm, SyncBatchRenorm
+
+__all__ = ["DistEnv", "init_distributed", "teardown", "any_flag", "average_local_bn_stats"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device: str, backend: str, timeout_s: int) -> DistEnv:
+    """``device``: auto|cpu|cuda; ``backend``: auto|nccl|gloo (auto: nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible")
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(seconds=timeout_s),
+            device_id=dev if device == "cuda" else None,
+        )
+    return DistEnv(rank, world, local_rank, dev, backend)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_flag(env: DistEnv, *flags: bool) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks (one small all-reduce)."""
+    if env.world_size == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+@torch.no_grad()
+def average_local_bn_stats(model: nn.Module, env: DistEnv) -> int:
+    """Average running stats of *local* BN-family layers across ranks (timm's
+    --dist-bn reduce), so eval and checkpoints don't depend on rank 0's shard alone.
+    Synchronized layers already agree and are skipped.  Returns the layers averaged."""
+    if env.world_size == 1:
+        return 0
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm)
+        and not isinstance(m, (SyncBatchNorm, SyncBatchRenorm))
+        and m.running_mean is not None
+    ]
+    for m in layers:
+        for buf in (m.running_mean, m.running_var):
+            dist.all_reduce(buf)
+            buf.div_(env.world_size)
+    return len(layers)

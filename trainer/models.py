@@ -1,0 +1,160 @@
+"""torchvision models with the norms the policy chose for each part.
+
+* classification: a torchvision ResNet; its BN layers are the ``backbone`` part.
+* detection: FCOS or RetinaNet on a ResNet + FPN.  ``backbone`` = the ResNet body,
+  ``neck`` = the FPN (torchvision builds it without norms; we give it the policy's), and
+  ``head`` = the detection head's conv towers (torchvision uses GroupNorm(32) there),
+  whose convs are weight-standardized when the policy says ws.
+
+Pretrained weights load only from a local path (``model.backbone_weights``); nothing is
+downloaded.  Model building takes plain arguments, not the config object.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection._utils import BoxLinearCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import (
+    FCOSClassificationHead,
+    FCOSHead,
+    FCOSRegressionHead,
+)
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from norms import NormChoice, build_norm, convert_convs_to_ws, convert_norms
+
+__all__ = ["build_model", "norm_kwargs", "ModelError"]
+
+
+class ModelError(ValueError):
+    pass
+
+
+def norm_kwargs(kind: str, brn: dict) -> dict:
+    """Constructor keywords the config supplies for ``kind`` (Batch Renorm's limits)."""
+    return dict(brn) if kind in ("brn", "syncbrn") else {}
+
+
+def _resnet_body(arch: str, weights: str | None, num_classes: int = 1000) -> nn.Module:
+    name = next(n for n in ("resnet18", "resnet34", "resnet50") if n in arch)
+    body = getattr(resnet, name)(weights=None, num_classes=num_classes)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelError(f"model.backbone_weights: {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+            raise ModelError(f"model.backbone_weights: cannot load {path}: {e}") from None
+        state = state.get("model", state) if isinstance(state, dict) else state
+        if num_classes != 1000:  # the classifier's own fc has another shape: skip it
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = body.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise ModelError(
+                f"model.backbone_weights: {path} does not fit {name} "
+                f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
+            )
+    return body
+
+
+class _FCOSHead(FCOSHead):
+    """torchvision's FCOSHead with a norm_layer: its own constructor hard-codes
+    GroupNorm(32, C), which fails for C not divisible by 32 (its sub-heads do take one)."""
+
+    def __init__(self, in_channels: int, num_classes: int, norm_layer) -> None:
+        nn.Module.__init__(self)
+        self.box_coder = BoxLinearCoder(normalize_by_size=True)
+        self.classification_head = FCOSClassificationHead(
+            in_channels, 1, num_classes, norm_layer=norm_layer
+        )
+        self.regression_head = FCOSRegressionHead(in_channels, 1, norm_layer=norm_layer)
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    plan: dict[str, NormChoice],
+    *,
+    image_size: int,
+    fpn_channels: int = 64,
+    backbone_weights: str | None = None,
+    brn: dict | None = None,
+) -> nn.Module:
+    """``num_classes`` = object classes (detection adds the background class itself)."""
+    brn = brn or {}
+    kinds = {part: choice.kind for part, choice in plan.items()}
+    if arch.startswith("resnet"):
+        model = _resnet_body(arch, backbone_weights, num_classes)
+        return convert_norms(model, kinds["backbone"], **norm_kwargs(kinds["backbone"], brn))
+
+    body = _resnet_body(arch, backbone_weights)
+    body = convert_norms(body, kinds["backbone"], **norm_kwargs(kinds["backbone"], brn))
+    if kinds["backbone"] == "frozenbn":
+        # A frozen-statistics backbone is a fine-tuning set-up: keep the stem fixed too,
+        # as torchvision's trainable_layers=3 does.
+        for name, p in body.named_parameters():
+            if not name.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
+    expansion = 4 if "resnet50" in arch else 1
+    in_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+    neck = kinds["neck"]
+    norm_layer = None if neck == "none" else partial(build_norm, neck, **norm_kwargs(neck, brn))
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
+        in_channels_list=in_channels,
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
+        norm_layer=norm_layer,
+    )
+    # Small images: anchors/sizes scaled to the input instead of COCO's 800-pixel setting.
+    sizes = tuple((max(4, image_size // 12) * 2**i,) for i in range(5))
+    common = dict(min_size=image_size, max_size=image_size)
+    head_choice = plan["head"]
+    # gn: choose_groups(C) instead of torchvision's fixed 32, so any width works.
+    head_norm = partial(build_norm, head_choice.kind, **norm_kwargs(head_choice.kind, brn))
+    if arch.startswith("fcos"):
+        anchors = AnchorGenerator(sizes, ((1.0,),) * 5)
+        head = _FCOSHead(fpn_channels, num_classes + 1, head_norm)
+        model = FCOS(
+            backbone,
+            num_classes + 1,
+            anchor_generator=anchors,
+            head=head,
+            score_thresh=0.05,
+            **common,
+        )
+    else:
+        anchors = AnchorGenerator(
+            tuple((s[0], int(s[0] * 1.26), int(s[0] * 1.59)) for s in sizes),
+            ((0.5, 1.0, 2.0),) * 5,
+        )
+        head = RetinaNetHead(
+            fpn_channels,
+            anchors.num_anchors_per_location()[0],
+            num_classes + 1,
+            norm_layer=head_norm,
+        )
+        model = RetinaNet(
+            backbone,
+            num_classes + 1,
+            anchor_generator=anchors,
+            head=head,
+            score_thresh=0.05,
+            **common,
+        )
+    if head_choice.ws:
+        for tower in (head.classification_head.conv, head.regression_head.conv):
+            convert_convs_to_ws(tower)
+    return model
