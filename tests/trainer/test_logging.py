@@ -1,0 +1,83 @@
+"""wandb is best effort: a failure to start or to log never stops training or loses rows."""
+
+import json
+
+import pytest
+
+from trainer.logging import RunLogger
+
+
+class _BrokenRun:
+    id = "abc123"
+    dir = None
+
+    def __init__(self):
+        self.calls = 0
+
+    def log(self, *args, **kwargs):
+        self.calls += 1
+        raise ConnectionError("wandb backend unreachable")
+
+    def finish(self):
+        pass
+
+
+def make(tmp_path, **kw):
+    return RunLogger(
+        tmp_path,
+        enabled=True,
+        wandb_mode="online",
+        project="p",
+        entity=None,
+        name="n",
+        config={"a": 1},
+        run_id=None,
+        **kw,
+    )
+
+
+def test_wandb_failing_to_start_warns_and_metrics_continue(tmp_path, monkeypatch):
+    import wandb
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.warns(UserWarning, match="wandb could not start"):
+        logger = make(tmp_path)
+    for step in (1, 2):
+        logger.log({"step": step, "loss": 1.0 / step})
+    logger.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_wandb_failing_mid_run_is_dropped_once(tmp_path, monkeypatch):
+    import wandb
+
+    broken = _BrokenRun()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: broken)
+    logger = make(tmp_path)
+    assert logger.run_id == "abc123"
+    with pytest.warns(UserWarning, match="wandb.log failed"):
+        logger.log({"step": 1, "loss": 0.5})
+    logger.log({"step": 2, "loss": 0.4})  # no second attempt, no second warning
+    logger.close()
+    assert broken.calls == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_non_main_rank_writes_nothing(tmp_path):
+    logger = RunLogger(
+        tmp_path,
+        enabled=False,
+        wandb_mode="offline",
+        project="p",
+        entity=None,
+        name="n",
+        config={},
+        run_id=None,
+    )
+    logger.log({"step": 1})
+    logger.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
