@@ -143,9 +143,14 @@ class WandbConfig:
     mode: str = "offline"  # online | offline | disabled
     project: str = "normpilot"
     entity: str | None = None
+    # Seconds wandb.init may take (online: reaching the server) before the run goes on
+    # without wandb; metrics.jsonl is written either way.
+    init_timeout: float = 90.0
 
     def __post_init__(self) -> None:
         _one_of("wandb.mode", self.mode, ("online", "offline", "disabled"))
+        if self.init_timeout <= 0:
+            raise ConfigError(f"wandb.init_timeout must be > 0, got {self.init_timeout}")
 
 
 @dataclass

@@ -27,10 +27,12 @@ class RunLogger:
         name: str,
         config: dict,
         run_id: str | None,
+        init_timeout: float = 90.0,
     ):
         self.enabled = enabled
         self.run_id = run_id
         self._wandb = None
+        self.wandb_error: str | None = None  # why wandb was dropped, if it was
         if not enabled:
             return
         self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
@@ -49,6 +51,7 @@ class RunLogger:
                 resume="allow",
                 config=config,
                 reinit="finish_previous",
+                settings=wandb.Settings(init_timeout=init_timeout),
             )
             self.run_id = self._wandb.id
         except Exception as e:  # noqa: BLE001 - any failure means "train without wandb"
@@ -57,6 +60,7 @@ class RunLogger:
     def _disable(self, why: str) -> None:
         warnings.warn(f"{why}; training continues, metrics still go to metrics.jsonl", stacklevel=3)
         self._wandb = None
+        self.wandb_error = why
 
     def log(self, row: dict, extra_wandb: dict | None = None) -> None:
         if not self.enabled:

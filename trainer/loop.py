@@ -324,6 +324,7 @@ def train(cfg: Config, env: DistEnv) -> dict:
         wandb_mode=cfg.wandb.mode,
         project=cfg.wandb.project,
         entity=cfg.wandb.entity,
+        init_timeout=cfg.wandb.init_timeout,
         name=cfg.run.name,
         config=to_dict(cfg),
         run_id=wandb_id,
@@ -518,6 +519,11 @@ def train(cfg: Config, env: DistEnv) -> dict:
             f"\nfinal eval: {json.dumps(final)}\noutputs in {run_dir}/ (config.yaml, "
             f"policy.json, metrics.jsonl, checkpoints/{ckpts[0].name if ckpts else ''})"
         )
-        if cfg.wandb.mode == "offline":
+        if logger.wandb_error:
+            print(
+                f"wandb was dropped during the run ({logger.wandb_error}); "
+                "metrics.jsonl is complete"
+            )
+        elif cfg.wandb.mode == "offline":
             print(f"wandb (offline): upload with `wandb sync {run_dir}/wandb/offline-run-*`")
     return final

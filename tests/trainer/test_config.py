@@ -68,6 +68,7 @@ def test_interpolations_resolve_once_and_saved_config_is_resolved(tmp_path):
         ("train.per_device_batch=0", r"train.per_device_batch must be >= 1, got 0"),
         ("train.max_steps=-5", r"train.max_steps must be >= 1, got -5"),
         ("wandb.mode=cloud", r"wandb.mode='cloud' is not one of 'online', 'offline', 'disabled'"),
+        ("wandb.init_timeout=0", r"wandb.init_timeout must be > 0, got 0"),
         ("norm.override.neck=layernorm", r"norm.override.neck='layernorm' is not a norm kind"),
         ("norm.policy.min_batch=0", r"norm.policy.min_batch must be >= 1, got 0"),
         ("train.amp=fp8", r"train.amp='fp8'"),
