@@ -54,12 +54,34 @@ def init_distributed(device: str, backend: str, timeout_s: int) -> DistEnv:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(timeout)
         dist.init_process_group(
             backend,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if device == "cuda" else None,
+            **({} if store is None else {"store": store, "rank": rank, "world_size": world}),
         )
     return DistEnv(rank, world, local_rank, dev, backend)
+
+
+def _attempt_store(timeout: timedelta):
+    """torchrun's shared store, namespaced by restart attempt; None outside torchrun.
+
+    torchrun (>= 2.4) hands every restart attempt the same agent-hosted TCPStore, and
+    the env:// rendezvous adds no per-attempt prefix, so after an elastic restart the
+    store still holds the dead attempt's keys, gloo's listening addresses included.  A
+    new worker that reads one of them before its peer overwrites it connects to a port
+    nobody listens on ("connectFullMesh failed ... Connection refused").  Prefixing the
+    keys with TORCHELASTIC_RESTART_COUNT keeps the attempts apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"normpilot/attempt_{attempt}", store)
 
 
 def teardown() -> None:

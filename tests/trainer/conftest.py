@@ -2,8 +2,6 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 # Tiny, fast settings shared by the training tests.
@@ -33,12 +31,6 @@ FAST_CLS = [
     "checkpoint.interval=2",
     "wandb.mode=disabled",
 ]
-
-
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    """Shapes data generated once for the whole session."""
-    return tmp_path_factory.mktemp("shapes")
 
 
 def subprocess_env() -> dict:
