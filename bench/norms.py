@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import time
@@ -30,6 +28,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import free_port, machine  # noqa: E402
+
 from norms import (  # noqa: E402
     BatchRenorm2d,
     SyncBatchNorm,
@@ -180,12 +180,6 @@ def bench_device(device: str, repeats: int) -> list[dict]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank: int, port: int, repeats: int, out: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)  # 2 ranks share this machine's cores
@@ -225,28 +219,10 @@ def _two_rank_worker(rank: int, port: int, repeats: int, out: str) -> None:
 
 def bench_two_ranks(repeats: int, tmp: Path) -> list[dict]:
     out = tmp / "two_rank.json"
-    mp.spawn(_two_rank_worker, args=(_free_port(), repeats, str(out)), nprocs=2)
+    mp.spawn(_two_rank_worker, args=(free_port(), repeats, str(out)), nprocs=2)
     rows = [r for r in json.loads(out.read_text()) if r["layer"] != "bn"]
     out.unlink()
     return rows
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
-    if torch.cuda.is_available():
-        desc += f"; {torch.cuda.get_device_name()}"
-    return desc
 
 
 def markdown(rows: list[dict], desc: str) -> str:
@@ -285,7 +261,7 @@ def main(argv=None) -> int:
     # A real process group of size 1, so "1 rank" exercises the sync layers' fallback.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
     try:
         rows = [r for d in devices for r in bench_device(d, args.repeats)]
