@@ -29,8 +29,10 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Speed: per-layer norms table, then trainer overhead / data pipeline / DDP (~15 min).
 bench: $(STAMP)
 	$(PY) bench/norms.py
+	$(PY) bench/speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results

@@ -1,0 +1,378 @@
+"""What the training service costs: trainer vs a hand-written loop, the data pipeline,
+and DDP over gloo on the CPU.
+
+    python bench/speed.py [--quick] [--repeats 3] [--out bench/results]
+
+* ``trainer_overhead``: ``trainer.loop.train`` against a minimal PyTorch loop (same model
+  from ``build_model``, same in-memory batches, same optimizer and schedule), on the
+  ``shapes_cls`` preset.  The trainer is run end to end at two step counts and its
+  per-step time is the difference over the extra steps, so set-up, the final checkpoint
+  and the final evaluation cancel out; logging, progress, the per-step stop-flag check
+  and periodic BRN diagnostics stay in.  Runs are interleaved; ratio of medians.
+* ``data_pipeline``: the default detection preset's loader alone (its own workers) in
+  images/s vs the model's consumption (a training step on in-memory batches), and the
+  trainer's step time with the real loader vs in-memory batches (1.0 = never waits).
+* ``ddp_cpu``: a ResNet-18 classifier step at a per-device batch, 1 process vs 2 gloo
+  processes over 127.0.0.1 (one thread each, so each process does the same work), for
+  bn, syncbn and syncbrn: what DDP's gradient all-reduce and the norm synchronization
+  cost on this machine.
+
+Writes ``speed.json`` and ``speed.md`` (or ``speed_quick.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import free_port, machine  # noqa: E402
+
+import trainer.loop as loop  # noqa: E402
+from norms import convert_norms  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.data import build_datasets, train_loader  # noqa: E402
+from trainer.distributed import DistEnv  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+from trainer.norm_plan import plan_norms  # noqa: E402
+from trainer.optim import build_optimizer, build_scheduler, scaled_lr  # noqa: E402
+
+CPU = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
+
+
+def _config(preset: str, overrides: list[str]):
+    return load_config(ROOT / "configs" / preset, overrides)
+
+
+def _datasets(cfg):
+    return build_datasets(
+        cfg.data.dataset,
+        cfg.data.root,
+        cfg.model.task,
+        generate=True,
+        image_size=cfg.data.image_size,
+        num_train=cfg.data.num_train,
+        num_val=cfg.data.num_val,
+        seed=cfg.run.seed,
+    )
+
+
+def _batches(cfg, ds, n: int) -> list:
+    """``n`` real batches from the trainer's loader, kept in memory."""
+    it = train_loader(
+        ds,
+        batch=cfg.train.per_device_batch,
+        world_size=1,
+        rank=0,
+        seed=0,
+        epoch=0,
+        skip_batches=0,
+        workers=0,
+        task=cfg.model.task,
+    )
+    return list(itertools.islice(it, n))
+
+
+class _InMemory:
+    """Stands in for ``train_loader``: the same few batches, epoch after epoch."""
+
+    def __init__(self, batches: list, per_epoch: int):
+        self.batches, self.per_epoch = batches, per_epoch
+
+    def __call__(self, *args, skip_batches: int = 0, **kw):
+        return (self.batches[i % len(self.batches)] for i in range(skip_batches, self.per_epoch))
+
+
+def _trainer_seconds(cfg, overrides: list[str], steps: int, in_memory: _InMemory | None):
+    """Wall time of ``trainer.loop.train`` for ``steps`` steps in a fresh run folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_cfg = load_config(
+            ROOT / "configs" / cfg,
+            [*overrides, f"run.output_dir={tmp}", f"train.max_steps={steps}"],
+        )
+        original = loop.train_loader
+        if in_memory is not None:
+            loop.train_loader = in_memory
+        try:
+            t0 = time.perf_counter()
+            loop.train(run_cfg, CPU)
+            return time.perf_counter() - t0
+        finally:
+            loop.train_loader = original
+
+
+def _hand_loop_seconds(cfg, batches: list, steps: int, warmup: int = 3) -> float:
+    """The minimal loop: same model, optimizer, schedule and batches; no service."""
+    plan = plan_norms(cfg, 1, "cpu", "gloo")
+    brn = dict(
+        rmax=cfg.norm.brn.rmax, dmax=cfg.norm.brn.dmax, warmup_steps=cfg.norm.brn.warmup_steps
+    )
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(
+        cfg.model.arch,
+        cfg.model.num_classes,
+        plan,
+        image_size=cfg.data.image_size,
+        fpn_channels=cfg.model.fpn_channels,
+        brn=brn,
+    )
+    lr = scaled_lr(cfg.train.lr, cfg.train.ref_batch, cfg.train.per_device_batch, 1, 1)
+    opt = build_optimizer(
+        model, cfg.train.optimizer, lr, cfg.train.momentum, cfg.train.weight_decay
+    )
+    sched = build_scheduler(opt, cfg.train.warmup_steps, steps + warmup)
+    model.train()
+
+    def step(batch):
+        if cfg.model.task == "detection":
+            images, targets = batch
+            loss = sum(model(list(images), list(targets)).values())
+        else:
+            images, labels, _ = batch
+            loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        if cfg.train.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    return time.perf_counter() - t0
+
+
+# -- trainer overhead --------------------------------------------------------------------
+def trainer_overhead(repeats: int, short: int, long: int, data: list[str]) -> dict:
+    preset = "shapes_cls.yaml"
+    overrides = [
+        *data,
+        "data.num_val=64",
+        "data.num_workers=0",
+        "wandb.mode=disabled",
+        "checkpoint.interval=100000",
+        "train.eval_interval=0",
+    ]
+    cfg = _config(preset, overrides)
+    train_ds, _ = _datasets(cfg)
+    batches = _batches(cfg, train_ds, 8)
+    in_memory = _InMemory(batches, len(train_ds) // cfg.train.per_device_batch)
+    trainer_step, hand_step = [], []
+    for _ in range(repeats):
+        t_short = _trainer_seconds(preset, overrides, short, in_memory)
+        t_long = _trainer_seconds(preset, overrides, long, in_memory)
+        trainer_step.append((t_long - t_short) / (long - short))
+        hand_step.append(_hand_loop_seconds(cfg, batches, long - short) / (long - short))
+    t, h = statistics.median(trainer_step), statistics.median(hand_step)
+    return {
+        "what": f"ResNet-18 classifier, batch {cfg.train.per_device_batch}, "
+        f"{cfg.data.image_size} px, SGD; trainer step from runs of {short} and {long} steps",
+        "trainer_step_s": t,
+        "hand_loop_step_s": h,
+        "ratio": t / h,
+        "target": 1.05,
+        "samples": {"trainer": trainer_step, "hand": hand_step},
+    }
+
+
+# -- data pipeline -------------------------------------------------------------------------
+def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
+    preset = "shapes_det.yaml"
+    base = [
+        *data,
+        "data.num_val=16",
+        "wandb.mode=disabled",
+        "checkpoint.interval=100000",
+        "train.eval_interval=0",
+    ]
+    cfg = _config(preset, base)
+    train_ds, _ = _datasets(cfg)
+    batch, workers = cfg.train.per_device_batch, cfg.data.num_workers
+    # The loader alone, with the preset's workers, over `long` batches.
+    loader_ips = []
+    for _ in range(repeats):
+        it = iter(
+            train_loader(
+                train_ds,
+                batch=batch,
+                world_size=1,
+                rank=0,
+                seed=0,
+                epoch=0,
+                skip_batches=0,
+                workers=workers,
+                task="detection",
+            )
+        )
+        next(it)  # workers started
+        t0 = time.perf_counter()
+        for _ in range(long):
+            next(it)
+        loader_ips.append(long * batch / (time.perf_counter() - t0))
+        del it
+    batches = _batches(cfg, train_ds, 8)
+    model_ips = [long * batch / _hand_loop_seconds(cfg, batches, long) for _ in range(repeats)]
+    in_memory = _InMemory(batches, len(train_ds) // batch)
+    real, mem = [], []
+    for _ in range(repeats):
+        for sink, source in ((real, None), (mem, in_memory)):
+            t_short = _trainer_seconds(preset, base, short, source)
+            t_long = _trainer_seconds(preset, base, long, source)
+            sink.append((t_long - t_short) / (long - short))
+    loader, model = statistics.median(loader_ips), statistics.median(model_ips)
+    return {
+        "what": f"FCOS ResNet-18 detection preset, batch {batch}, {cfg.data.image_size} px, "
+        f"{workers} loader workers",
+        "loader_images_per_s": loader,
+        "model_images_per_s": model,
+        "loader_over_model": loader / model,
+        "trainer_step_real_loader_s": statistics.median(real),
+        "trainer_step_in_memory_s": statistics.median(mem),
+        "real_over_in_memory": statistics.median(real) / statistics.median(mem),
+    }
+
+
+# -- DDP on the CPU ------------------------------------------------------------------------
+def _ddp_worker(
+    rank: int, world: int, port: int, kind: str, batch: int, size: int, steps: int, out: str
+) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    from torchvision.models import resnet18
+
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    try:
+        torch.manual_seed(0)
+        model = convert_norms(
+            resnet18(num_classes=3), kind, **({"warmup_steps": 0} if kind == "syncbrn" else {})
+        )
+        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(batch, 3, size, size)
+        y = torch.randint(0, 3, (batch,))
+        times = []
+        for i in range(steps + 3):
+            t0 = time.perf_counter()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        if rank == 0:
+            Path(out).write_text(json.dumps(statistics.median(times)))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def ddp_cpu(repeats: int, steps: int, batch: int = 8, size: int = 64) -> dict:
+    results: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "t.json")
+        for _ in range(repeats):
+            for kind in ("bn", "syncbn", "syncbrn"):
+                for world in (1, 2):
+                    mp.spawn(
+                        _ddp_worker,
+                        nprocs=world,
+                        args=(world, free_port(), kind, batch, size, steps, out),
+                    )
+                    results.setdefault(kind, {}).setdefault(str(world), []).append(
+                        json.loads(Path(out).read_text())
+                    )
+    rows = {}
+    for kind, by_world in results.items():
+        one, two = statistics.median(by_world["1"]), statistics.median(by_world["2"])
+        rows[kind] = {"one_proc_s": one, "two_procs_s": two, "ratio": two / one}
+    base = rows["bn"]["two_procs_s"]
+    for row in rows.values():
+        row["vs_ddp_bn"] = row["two_procs_s"] / base
+    return {
+        "what": f"ResNet-18 classifier step, per-device batch {batch}, {size} px, 1 thread "
+        "per process (world size 1 = no process group, plain BN)",
+        "rows": rows,
+    }
+
+
+def markdown(res: dict) -> str:
+    o, d, p = res["trainer_overhead"], res["data_pipeline"], res["ddp_cpu"]
+    lines = [
+        f"{res['date']}, {res['machine']}.",
+        "",
+        "| measurement | value |",
+        "|---|---|",
+        f"| trainer step / hand-written loop step ({o['what']}) | **{o['ratio']:.3f}x** "
+        f"({1000 * o['trainer_step_s']:.0f} vs {1000 * o['hand_loop_step_s']:.0f} ms; "
+        f"target <= {o['target']}) |",
+        f"| shapes loader alone ({d['what']}) | {d['loader_images_per_s']:.0f} images/s |",
+        f"| model consumption (training step, in-memory batches) | "
+        f"{d['model_images_per_s']:.1f} images/s (loader / model = "
+        f"**{d['loader_over_model']:.1f}x**) |",
+        f"| trainer step with the real loader / with in-memory batches | "
+        f"**{d['real_over_in_memory']:.3f}x** ({1000 * d['trainer_step_real_loader_s']:.0f} vs "
+        f"{1000 * d['trainer_step_in_memory_s']:.0f} ms) |",
+        "",
+        f"DDP on the CPU ({p['what']}):",
+        "",
+        "| norm | 1 process (ms) | 2 gloo processes (ms) | 2 / 1 | vs 2-process BN |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, r in p["rows"].items():
+        lines.append(
+            f"| {kind} | {1000 * r['one_proc_s']:.0f} | {1000 * r['two_procs_s']:.0f} | "
+            f"{r['ratio']:.2f}x | {r['vs_ddp_bn']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke-test size")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--data-root", default=str(ROOT / "data" / "shapes"))
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    short, long, ddp_steps = (2, 5, 3) if args.quick else (10, 40, 20)
+    if args.quick:
+        args.repeats = 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"date": date.today().isoformat(), "machine": machine(), "quick": args.quick}
+    # --quick: a small generated set (the loader alone then reads fewer distinct files).
+    data = [f"data.root={args.data_root}", *(["data.num_train=64"] if args.quick else [])]
+    res["trainer_overhead"] = trainer_overhead(args.repeats, short, long, data)
+    print(json.dumps(res["trainer_overhead"]), flush=True)
+    res["data_pipeline"] = data_pipeline(args.repeats, short, long, data)
+    print(json.dumps(res["data_pipeline"]), flush=True)
+    res["ddp_cpu"] = ddp_cpu(args.repeats, ddp_steps)
+    name = "speed_quick" if args.quick else "speed"
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    table = markdown(res)
+    (out / f"{name}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
