@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train demo test lint bench clean
+.PHONY: install train demo test lint bench study clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,5 +34,9 @@ bench: $(STAMP)
 	$(PY) bench/norms.py
 	$(PY) bench/speed.py
 
+# The small-batch study: the full grid (~30 min on 2 cores); `--quick` runs in make test.
+study: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results
+	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results/wandb bench/results/*_quick.*
