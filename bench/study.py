@@ -68,14 +68,19 @@ from trainer.data.classification import IndexedImageFolder  # noqa: E402
 from trainer.data.shapes import ensure_shapes  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler, scaled_lr  # noqa: E402
 
-NORMS = ("bn", "brn", "gn", "syncbn")
+NORMS = ("bn", "brn", "gn", "syncbn", "syncbrn")
+DEFAULT_NORMS = ("bn", "brn", "gn", "syncbn")
+SYNC = ("syncbn", "syncbrn")  # run on 2 gloo processes
 LABELS = {
     "bn": "BN",
     "brn": "Batch Renorm",
     "gn": "GN + WS",
     "syncbn": "SyncBN (2 procs)",
+    "syncbrn": "SyncBRN (2 procs)",
     "auto": "auto policy (1 proc)",
+    "auto2": "auto policy (2 procs)",
 }
+LINES = (*NORMS, "auto", "auto2")
 
 
 # -- data ------------------------------------------------------------------------------
@@ -124,8 +129,8 @@ class SmallResNet(nn.Sequential):
 
 def build(kind: str, brn_warmup: int) -> nn.Module:
     model = SmallResNet()
-    if kind == "brn":
-        return convert_norms(model, "brn", rmax=3.0, dmax=5.0, warmup_steps=brn_warmup)
+    if kind in ("brn", "syncbrn"):
+        return convert_norms(model, kind, rmax=3.0, dmax=5.0, warmup_steps=brn_warmup)
     if kind == "gn":
         # 8 groups divide every width (2-16 channels per group).
         return convert_convs_to_ws(convert_norms(model, "gn", num_groups=8))
@@ -211,7 +216,7 @@ def _sync_worker(rank: int, port: int, cell: dict, data_path: str, out: str) -> 
 
 
 def run_sync(cell: dict, data_path: str, tmp: Path) -> dict:
-    out = tmp / f"sync_{cell['batch']}_{cell['seed']}.json"
+    out = tmp / f"sync_{cell['norm']}_{cell['batch']}_{cell['seed']}.json"
     mp.spawn(_sync_worker, args=(free_port(), cell, data_path, str(out)), nprocs=2)
     return json.loads(out.read_text())
 
@@ -229,13 +234,15 @@ def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
             c["std"] = statistics.stdev(c["accs"]) if len(c["accs"]) > 1 else 0.0
             c["loss_mean"] = statistics.fmean(c["losses"])
             c["loss_std"] = statistics.stdev(c["losses"]) if len(c["losses"]) > 1 else 0.0
-    auto = {}
-    for b in batches:
-        kind = select_norm(1, b, policy=NormPolicy(min_batch=min_batch)).kind
-        if kind in cells and b in cells[kind]:
-            auto[b] = {**cells[kind][b], "kind": kind}
-    if auto:
-        cells["auto"] = auto
+    # The policy's pick at each batch size, for 1 process and for the 2-process cells.
+    for line, world in (("auto", 1), ("auto2", 2)):
+        auto = {}
+        for b in batches:
+            kind = select_norm(world, b, policy=NormPolicy(min_batch=min_batch)).kind
+            if kind in cells and b in cells[kind]:
+                auto[b] = {**cells[kind][b], "kind": kind}
+        if auto:
+            cells[line] = auto
     return cells
 
 
@@ -244,7 +251,7 @@ def _table(cells: dict, batches: list[int], fmt) -> list[str]:
         "| norm | " + " | ".join(f"B={b}" for b in batches) + " |",
         "|" + "---|" * (len(batches) + 1),
     ]
-    for norm in [*NORMS, "auto"]:
+    for norm in LINES:
         if norm not in cells:
             continue
         row = []
@@ -253,7 +260,7 @@ def _table(cells: dict, batches: list[int], fmt) -> list[str]:
             if c is None:
                 row.append("–")
                 continue
-            row.append(f"{fmt(c)} ({c['kind']})" if norm == "auto" else fmt(c))
+            row.append(f"{fmt(c)} ({c['kind']})" if norm.startswith("auto") else fmt(c))
         lines.append(f"| {LABELS[norm]} | " + " | ".join(row) + " |")
     return lines
 
@@ -266,7 +273,9 @@ def markdown(cells: dict, batches: list[int], meta: dict) -> str:
         f"batch {meta['ref_batch']} with {meta['lr_scaling']} scaling, mean ± std over "
         f"{meta['seeds']} seed(s), evaluated with running statistics. B = per-device batch "
         f"(SyncBN: 2 processes x B). {meta['date']}, {meta['machine']}, "
-        f"{meta['wall_min']:.1f} min.",
+        f"{meta['wall_min']:.1f} min"
+        + "".join(f" + {m:.1f} min ({k})" for k, m in meta.get("merged_wall_min", {}).items())
+        + ".",
         "",
         "Validation accuracy (%):",
         "",
@@ -286,13 +295,16 @@ def plot(cells: dict, batches: list[int], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    style = {"auto": dict(color="black", linestyle="--", linewidth=2.5, alpha=0.35)}
+    style = {
+        "auto": dict(color="black", linestyle="--", linewidth=2.5, alpha=0.35),
+        "auto2": dict(color="grey", linestyle=":", linewidth=2.5, alpha=0.5),
+    }
     panels = (
         (axes[0], "mean", "std", 100, "validation accuracy (%)"),
         (axes[1], "loss_mean", "loss_std", 1, "validation cross-entropy (lower is better)"),
     )
     for ax, mean_key, std_key, scale, ylabel in panels:
-        for norm in [*NORMS, "auto"]:
+        for norm in LINES:
             if norm not in cells:
                 continue
             bs = [b for b in batches if b in cells[norm]]
@@ -334,7 +346,7 @@ def log_wandb(
     )
     cols = ["norm", "batch", "seed", "world_size", "steps", "acc", "val_loss", "train_s"]
     run.log({"runs": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
-    norms = [n for n in [*NORMS, "auto"] if n in cells]
+    norms = [n for n in LINES if n in cells]
     run.log(
         {
             "accuracy_vs_batch": wandb.plot.line_series(
@@ -358,7 +370,7 @@ def log_wandb(
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke-test size (about a minute)")
-    ap.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
+    ap.add_argument("--norms", nargs="+", default=list(DEFAULT_NORMS), choices=NORMS)
     ap.add_argument("--batches", nargs="+", type=int, default=[32, 16, 8, 4, 2])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=24576, help="training samples per run")
@@ -377,12 +389,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-wandb", action="store_true")
     ap.add_argument(
         "--render-only",
+        nargs="+",
         metavar="STUDY_JSON",
-        help="redo the table, plot and wandb run from a saved study.json; no training",
+        help="redo the table, plot and wandb run from saved study JSON files (merged, named "
+        "after the first; e.g. the default grid plus a --norms syncbrn run); no training",
     )
     args = ap.parse_args(argv)
     if args.render_only:
-        return render(Path(args.render_only), Path(args.out), not args.no_wandb)
+        return render([Path(p) for p in args.render_only], Path(args.out), not args.no_wandb)
     if args.quick:
         args.batches, args.seeds, args.samples = [16, 2], 1, 256
         args.num_train, args.num_val = 256, 90
@@ -415,7 +429,7 @@ def main(argv=None) -> int:
         for b in batches
         for n in args.norms
     ]
-    local = [c for c in cells if c["norm"] != "syncbn"]
+    local = [c for c in cells if c["norm"] not in SYNC]
     rows: list[dict] = []
     # One-process cells run two at a time, one thread each: on 2 cores that is about twice
     # the throughput of one run with two threads at these small batches.
@@ -425,7 +439,7 @@ def main(argv=None) -> int:
             print(_line(r), flush=True)
     # Then the 2-process cells, alone: next to the pool (4 busy processes on 2 cores) each
     # gloo collective waits for a descheduled peer and a cell takes ~7x longer.
-    for c in [c for c in cells if c["norm"] == "syncbn"]:
+    for c in [c for c in cells if c["norm"] in SYNC]:
         rows.append(run_sync(c, data_path, out))
         print(_line(rows[-1]), flush=True)
     for f in out.glob("sync_*.json"):
@@ -476,10 +490,25 @@ def report(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) 
     print(f"wrote {out}/{name}.json, .md, .png ({meta['wall_min']:.1f} min of training)")
 
 
-def render(study_json: Path, out: Path, use_wandb: bool) -> int:
-    saved = json.loads(study_json.read_text())
+def render(study_jsons: list[Path], out: Path, use_wandb: bool) -> int:
+    saved = [json.loads(p.read_text()) for p in study_jsons]
+    meta = dict(saved[0]["meta"])
+    for other in saved[1:]:
+        m = other["meta"]
+        # Merging is only meaningful for runs of the same recipe.
+        skip = ("date", "wall_min", "machine", "merged_wall_min")
+        differ = [k for k in meta if k not in skip and m.get(k) != meta[k]]
+        if differ:
+            raise SystemExit(f"{study_jsons[0]} and a merged file differ in {differ}")
+        # Keyed by the merged file's norms, so merging the same run again changes nothing.
+        norms = ",".join(sorted({r["norm"] for r in other["runs"]}))
+        meta["merged_wall_min"] = {**meta.get("merged_wall_min", {}), norms: m["wall_min"]}
+    # Keyed by cell, later files winning: re-merging an already merged file adds nothing.
+    by_cell = {(r["norm"], r["batch"], r["seed"]): r for s in saved for r in s["runs"]}
+    rows = list(by_cell.values())
+    rows.sort(key=lambda r: (NORMS.index(r["norm"]), -r["batch"], r["seed"]))
     out.mkdir(parents=True, exist_ok=True)
-    report(saved["runs"], saved["meta"], out, study_json.stem, use_wandb)
+    report(rows, meta, out, study_jsons[0].stem, use_wandb)
     return 0
 
 

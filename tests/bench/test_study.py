@@ -88,22 +88,39 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
         assert r["val_loss"] > 0
 
     # The report can be redone from the saved JSON alone, identically.
-    again = tmp_path / "again"
-    render = ["--render-only", str(out / "study_quick.json"), "--out", str(again), "--no-wandb"]
-    assert study.main(render) == 0
-    assert (again / "study_quick.md").read_text() == table
+    def render(*files, out):
+        args = ["--render-only", *map(str, files), "--out", str(out), "--no-wandb"]
+        assert study.main(args) == 0
+        return (out / "study_quick.md").read_text()
+
+    assert render(out / "study_quick.json", out=tmp_path / "again") == table
+
+    # Merging another run (here the SyncBN cells relabelled as SyncBRN) adds its line and the
+    # 2-process policy line; merging the same run into the merged file changes nothing.
+    extra = tmp_path / "extra.json"
+    relabelled = [{**r, "norm": "syncbrn"} for r in runs if r["norm"] == "syncbn"]
+    extra.write_text(json.dumps({"meta": result["meta"], "runs": relabelled}))
+    once = render(out / "study_quick.json", extra, out=tmp_path / "merged")
+    assert "| SyncBRN (2 procs) |" in once and "(syncbrn)" in once and "(syncbn)" in once
+    twice = render(tmp_path / "merged" / "study_quick.json", extra, out=tmp_path / "twice")
+    assert twice == once
 
     import matplotlib.image
 
     png = out / "study_quick.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert matplotlib.image.imread(png).shape[2] in (3, 4)
+    height, width, channels = matplotlib.image.imread(png).shape
+    assert channels in (3, 4) and width > height  # accuracy and loss side by side
 
     [run_dir] = (out / "wandb").glob("offline-run-*")
     [log] = run_dir.glob("run-*.wandb")
     logged = {k: v for row in history(log) for k, v in row.items()}
     assert logged.get("runs/_type") == "table-file"
-    assert "accuracy_vs_batch/_type" in logged and "plot/_type" in logged
+    assert logged.get("plot/_type") == "image-file"
+    # wandb stores a custom line chart as its data table, one row per (line, batch):
+    # bn, brn, gn, syncbn and the two policy lines, at B=16 and B=2.
+    assert logged.get("accuracy_vs_batch_table/_type") == "table-file"
+    assert logged.get("accuracy_vs_batch_table/nrows") == 6 * 2
 
 
 def test_bad_arguments_are_refused_before_training(tmp_path):
@@ -116,3 +133,28 @@ def test_bad_arguments_are_refused_before_training(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "--batches [0]" in proc.stderr
+
+
+def test_auto_lines_follow_the_policy_for_one_and_two_processes():
+    # Synthetic cells: accuracy encodes (norm, batch), so each auto cell shows its source.
+    code = {"bn": 0.1, "brn": 0.2, "gn": 0.3, "syncbn": 0.4, "syncbrn": 0.5}
+    rows = [
+        dict(norm=n, batch=b, seed=s, acc=code[n] + b / 1000, val_loss=1.0)
+        for n in code
+        for b in (16, 8, 4)
+        for s in (0, 1)
+    ]
+    cells = study.summarize(rows, [16, 8, 4], min_batch=16)
+    # One process: BN from min_batch up, Batch Renorm below.
+    assert {b: c["kind"] for b, c in cells["auto"].items()} == {16: "bn", 8: "brn", 4: "brn"}
+    # Two processes: SyncBN while 2 x B >= min_batch, synchronized Batch Renorm below.
+    assert {b: c["kind"] for b, c in cells["auto2"].items()} == {
+        16: "syncbn",
+        8: "syncbn",
+        4: "syncbrn",
+    }
+    assert cells["auto2"][4]["mean"] == pytest.approx(0.504)
+    assert cells["auto"][8]["mean"] == pytest.approx(0.208)
+    # Without 2-process cells there is no 2-process line.
+    local = study.summarize([r for r in rows if r["norm"] in ("bn", "brn")], [16, 8, 4], 16)
+    assert "auto2" not in local and set(local["auto"]) == {16, 8, 4}
