@@ -1,7 +1,7 @@
 """What the training service costs: trainer vs a hand-written loop, the data pipeline,
 and DDP over gloo on the CPU.
 
-    python bench/speed.py [--quick] [--repeats 3] [--out bench/results]
+    python bench/speed.py [--quick] [--repeats 5] [--out bench/results]
 
 * ``trainer_overhead``: ``trainer.loop.train`` against a minimal PyTorch loop (same model
   from ``build_model``, same in-memory batches, same optimizer and schedule), on the
@@ -11,7 +11,9 @@ and DDP over gloo on the CPU.
   and periodic BRN diagnostics stay in.  Runs are interleaved; ratio of medians.
 * ``data_pipeline``: the default detection preset's loader alone (its own workers) in
   images/s vs the model's consumption (a training step on in-memory batches), and the
-  trainer's step time with the real loader vs in-memory batches (1.0 = never waits).
+  trainer's step time with the real loader at 0, 1 and the preset's workers vs in-memory
+  batches (1.0 = loading costs the step nothing; on 2 cores, workers share the cores with
+  the training threads, so a loader far faster than the model can still cost a little).
 * ``ddp_cpu``: a ResNet-18 classifier step at a per-device batch, 1 process vs 2 gloo
   processes over 127.0.0.1 (one thread each, so each process does the same work), for
   bn, syncbn and syncbrn: what DDP's gradient all-reduce and the norm synchronization
@@ -181,12 +183,15 @@ def trainer_overhead(repeats: int, short: int, long: int, data: list[str]) -> di
         trainer_step.append((t_long - t_short) / (long - short))
         hand_step.append(_hand_loop_seconds(cfg, batches, long - short) / (long - short))
     t, h = statistics.median(trainer_step), statistics.median(hand_step)
+    # Each repeat's trainer and hand runs are back to back: their ratio shows the noise.
+    per_repeat = [a / b for a, b in zip(trainer_step, hand_step, strict=True)]
     return {
         "what": f"ResNet-18 classifier, batch {cfg.train.per_device_batch}, "
         f"{cfg.data.image_size} px, SGD; trainer step from runs of {short} and {long} steps",
         "trainer_step_s": t,
         "hand_loop_step_s": h,
         "ratio": t / h,
+        "ratio_range": [min(per_repeat), max(per_repeat)],
         "target": 1.05,
         "samples": {"trainer": trainer_step, "hand": hand_step},
     }
@@ -230,22 +235,36 @@ def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
     batches = _batches(cfg, train_ds, 8)
     model_ips = [long * batch / _hand_loop_seconds(cfg, batches, long) for _ in range(repeats)]
     in_memory = _InMemory(batches, len(train_ds) // batch)
-    real, mem = [], []
+    # The trainer with the real loader at 0 workers (loading in the training process), 1,
+    # and the preset's count: loader workers share the cores with the training threads.
+    counts = sorted({0, 1, workers})
+    real: dict[int, list[float]] = {w: [] for w in counts}
+    mem: list[float] = []
     for _ in range(repeats):
-        for sink, source in ((real, None), (mem, in_memory)):
-            t_short = _trainer_seconds(preset, base, short, source)
-            t_long = _trainer_seconds(preset, base, long, source)
+        runs = [(mem, base, in_memory)]
+        runs += [(real[w], [*base, f"data.num_workers={w}"], None) for w in counts]
+        for sink, overrides, source in runs:
+            t_short = _trainer_seconds(preset, overrides, short, source)
+            t_long = _trainer_seconds(preset, overrides, long, source)
             sink.append((t_long - t_short) / (long - short))
     loader, model = statistics.median(loader_ips), statistics.median(model_ips)
+    step_mem = statistics.median(mem)
     return {
         "what": f"FCOS ResNet-18 detection preset, batch {batch}, {cfg.data.image_size} px, "
         f"{workers} loader workers",
         "loader_images_per_s": loader,
         "model_images_per_s": model,
         "loader_over_model": loader / model,
-        "trainer_step_real_loader_s": statistics.median(real),
-        "trainer_step_in_memory_s": statistics.median(mem),
-        "real_over_in_memory": statistics.median(real) / statistics.median(mem),
+        "trainer_step_in_memory_s": step_mem,
+        "trainer_step_real_loader_s": statistics.median(real[workers]),
+        "real_over_in_memory": statistics.median(real[workers]) / step_mem,
+        "by_workers": {
+            str(w): {
+                "trainer_step_s": statistics.median(real[w]),
+                "over_in_memory": statistics.median(real[w]) / step_mem,
+            }
+            for w in counts
+        },
     }
 
 
@@ -321,15 +340,19 @@ def markdown(res: dict) -> str:
         "| measurement | value |",
         "|---|---|",
         f"| trainer step / hand-written loop step ({o['what']}) | **{o['ratio']:.3f}x** "
-        f"({1000 * o['trainer_step_s']:.0f} vs {1000 * o['hand_loop_step_s']:.0f} ms; "
-        f"target <= {o['target']}) |",
+        f"({1000 * o['trainer_step_s']:.0f} vs {1000 * o['hand_loop_step_s']:.0f} ms, "
+        f"medians of {len(o['samples']['trainer'])}; per repeat {o['ratio_range'][0]:.3f}-"
+        f"{o['ratio_range'][1]:.3f}; target <= {o['target']}) |",
         f"| shapes loader alone ({d['what']}) | {d['loader_images_per_s']:.0f} images/s |",
         f"| model consumption (training step, in-memory batches) | "
         f"{d['model_images_per_s']:.1f} images/s (loader / model = "
         f"**{d['loader_over_model']:.1f}x**) |",
-        f"| trainer step with the real loader / with in-memory batches | "
-        f"**{d['real_over_in_memory']:.3f}x** ({1000 * d['trainer_step_real_loader_s']:.0f} vs "
-        f"{1000 * d['trainer_step_in_memory_s']:.0f} ms) |",
+        *(
+            f"| trainer step with the real loader at data.num_workers={w} / with in-memory "
+            f"batches | **{r['over_in_memory']:.3f}x** ({1000 * r['trainer_step_s']:.0f} vs "
+            f"{1000 * d['trainer_step_in_memory_s']:.0f} ms) |"
+            for w, r in d["by_workers"].items()
+        ),
         "",
         f"DDP on the CPU ({p['what']}):",
         "",
@@ -347,13 +370,13 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke-test size")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--data-root", default=str(ROOT / "data" / "shapes"))
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
-    short, long, ddp_steps = (2, 5, 3) if args.quick else (10, 40, 20)
+    short, long, ddp_steps = (2, 5, 3) if args.quick else (10, 60, 20)
     if args.quick:
         args.repeats = 1
     out = Path(args.out)

@@ -3,6 +3,8 @@
 import json
 import subprocess
 
+import pytest
+
 from tests.trainer.conftest import PY, ROOT, subprocess_env
 
 
@@ -29,9 +31,15 @@ def test_quick_mode_reports_all_measurements(tmp_path):
     over = res["trainer_overhead"]
     assert over["trainer_step_s"] > 0 and over["hand_loop_step_s"] > 0
     assert over["ratio"] == over["trainer_step_s"] / over["hand_loop_step_s"]
+    # --quick is one repeat, so the per-repeat range is that repeat's ratio.
+    assert over["ratio_range"] == [pytest.approx(over["ratio"])] * 2
     pipe = res["data_pipeline"]
     for key in ("loader_images_per_s", "model_images_per_s", "real_over_in_memory"):
         assert pipe[key] > 0
+    # 0 workers, 1, and the preset's 2, each against the same in-memory step.
+    assert set(pipe["by_workers"]) == {"0", "1", "2"}
+    for r in pipe["by_workers"].values():
+        assert r["over_in_memory"] == r["trainer_step_s"] / pipe["trainer_step_in_memory_s"]
     assert set(res["ddp_cpu"]["rows"]) == {"bn", "syncbn", "syncbrn"}
     assert res["ddp_cpu"]["rows"]["bn"]["vs_ddp_bn"] == 1.0
     table = (out / "speed_quick.md").read_text()
