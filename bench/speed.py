@@ -54,6 +54,8 @@ from trainer.norm_plan import plan_norms  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler, scaled_lr  # noqa: E402
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
+# Trainer runs measure training steps: no wandb, no periodic checkpoint or evaluation.
+QUIET = ["wandb.mode=disabled", "checkpoint.interval=100000", "train.eval_interval=0"]
 
 
 def _config(preset: str, overrides: list[str]):
@@ -164,14 +166,7 @@ def _hand_loop_seconds(cfg, batches: list, steps: int, warmup: int = 3) -> float
 # -- trainer overhead --------------------------------------------------------------------
 def trainer_overhead(repeats: int, short: int, long: int, data: list[str]) -> dict:
     preset = "shapes_cls.yaml"
-    overrides = [
-        *data,
-        "data.num_val=64",
-        "data.num_workers=0",
-        "wandb.mode=disabled",
-        "checkpoint.interval=100000",
-        "train.eval_interval=0",
-    ]
+    overrides = [*data, *QUIET, "data.num_val=64", "data.num_workers=0"]
     cfg = _config(preset, overrides)
     train_ds, _ = _datasets(cfg)
     batches = _batches(cfg, train_ds, 8)
@@ -200,13 +195,7 @@ def trainer_overhead(repeats: int, short: int, long: int, data: list[str]) -> di
 # -- data pipeline -------------------------------------------------------------------------
 def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
     preset = "shapes_det.yaml"
-    base = [
-        *data,
-        "data.num_val=16",
-        "wandb.mode=disabled",
-        "checkpoint.interval=100000",
-        "train.eval_interval=0",
-    ]
+    base = [*data, *QUIET, "data.num_val=16"]
     cfg = _config(preset, base)
     train_ds, _ = _datasets(cfg)
     batch, workers = cfg.train.per_device_batch, cfg.data.num_workers

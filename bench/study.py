@@ -451,15 +451,10 @@ def main(argv=None) -> int:
         date=date.today().isoformat(),
         machine=machine(),
         seeds=args.seeds,
-        samples=args.samples,
         num_train=args.num_train,
         num_val=args.num_val,
         image_size=args.image_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        ref_batch=args.ref_batch,
-        lr_scaling=args.lr_scaling,
-        weight_decay=args.weight_decay,
+        **common,  # the recipe every cell was trained with
         min_batch=args.min_batch,
         wall_min=wall,
     )
