@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 from common import free_port, machine  # noqa: E402
 
 from norms import NormPolicy, convert_convs_to_ws, convert_norms, select_norm  # noqa: E402
+from norms.batch_renorm import _RenormMixin  # noqa: E402
 from trainer.data.classification import IndexedImageFolder  # noqa: E402
 from trainer.data.shapes import ensure_shapes  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler, scaled_lr  # noqa: E402
@@ -81,6 +82,8 @@ LABELS = {
     "auto2": "auto policy (2 procs)",
 }
 LINES = (*NORMS, "auto", "auto2")
+# Batch Renorm's per-layer diagnostics (norms.batch_renorm renorm_stats) kept per run.
+CLIP_STATS = ("r_dev", "r_clipped", "d_abs", "d_clipped")
 
 
 # -- data ------------------------------------------------------------------------------
@@ -148,7 +151,11 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
     global_batch = batch * world
     steps = cell["samples"] // global_batch
     torch.manual_seed(seed)  # same initial weights for every norm with this seed
-    model = build(cell["norm"], brn_warmup=steps // 4)
+    brn_warmup = steps // 4
+    model = build(cell["norm"], brn_warmup=brn_warmup)
+    renorm = [m for m in model.modules() if isinstance(m, _RenormMixin)]
+    clip_sums: dict[str, list[float]] = {k: [0.0] * len(renorm) for k in CLIP_STATS}
+    clip_samples = 0
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if cell["lr_scaling"] == "linear":
         lr = scaled_lr(cell["lr"], cell["ref_batch"], batch, world, 1)
@@ -161,7 +168,7 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
     perm, cursor = torch.randperm(n, generator=order), 0
     t0 = time.perf_counter()
     net.train()
-    for _ in range(steps):
+    for step in range(steps):
         if cursor + global_batch > n:
             perm, cursor = torch.randperm(n, generator=order), 0
         idx = perm[cursor : cursor + global_batch][rank * batch : (rank + 1) * batch]
@@ -178,6 +185,14 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
         loss.backward()
         opt.step()
         sched.step()
+        # Batch Renorm's clip diagnostics once its limits are fully open, every 10th step
+        # (they only read the layers' last r and d: training is unchanged).
+        if renorm and step >= brn_warmup and step % 10 == 0:
+            for i, m in enumerate(renorm):
+                stats = m.renorm_stats()
+                for k in CLIP_STATS:
+                    clip_sums[k][i] += stats[k]
+            clip_samples += 1
     seconds = time.perf_counter() - t0
     model.eval()  # running statistics, as at deployment
     with torch.no_grad():
@@ -186,6 +201,12 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
     val_loss = nn.functional.cross_entropy(logits, y_val).item()
     # A fingerprint of the trained weights (tests compare runs that must agree).
     weights_l2 = sum(p.double().square().sum() for p in model.parameters()).item()
+    clip = {}
+    if clip_samples:
+        for k, per_layer in clip_sums.items():
+            per_layer = [v / clip_samples for v in per_layer]
+            clip[k] = statistics.fmean(per_layer)  # mean over layers and sampled steps
+            clip[f"{k}_worst_layer"] = max(per_layer)
     return {
         **cell,
         "world_size": world,
@@ -194,6 +215,7 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
         "val_loss": val_loss,
         "train_s": seconds,
         "weights_l2": weights_l2,
+        **({"brn_clip": clip} if clip else {}),
     }
 
 
@@ -228,12 +250,16 @@ def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
         c = cells.setdefault(r["norm"], {}).setdefault(r["batch"], {"accs": [], "losses": []})
         c["accs"].append(r["acc"])
         c["losses"].append(r["val_loss"])
+        if "brn_clip" in r:
+            c.setdefault("clips", []).append(r["brn_clip"])
     for per_batch in cells.values():
         for c in per_batch.values():
             c["mean"] = statistics.fmean(c["accs"])
             c["std"] = statistics.stdev(c["accs"]) if len(c["accs"]) > 1 else 0.0
             c["loss_mean"] = statistics.fmean(c["losses"])
             c["loss_std"] = statistics.stdev(c["losses"]) if len(c["losses"]) > 1 else 0.0
+            if c.get("clips"):
+                c["clip"] = {k: statistics.fmean(x[k] for x in c["clips"]) for k in c["clips"][0]}
     # The policy's pick at each batch size, for 1 process and for the 2-process cells.
     for line, world in (("auto", 1), ("auto2", 2)):
         auto = {}
@@ -285,6 +311,30 @@ def markdown(cells: dict, batches: list[int], meta: dict) -> str:
         "",
         *_table(cells, batches, lambda c: f"{c['loss_mean']:.3f} ± {c['loss_std']:.3f}"),
     ]
+    clipped = [
+        (n, b, cells[n][b]["clip"])
+        for n in NORMS
+        for b in batches
+        if "clip" in cells.get(n, {}).get(b, {})
+    ]
+    if clipped:
+        lines += [
+            "",
+            "Batch Renorm once its limits are fully open (rmax 3, dmax 5): mean over layers and "
+            "seeds of every 10th step; the worst layer in brackets. r = sigma_B / sigma_R, "
+            "d = (mu_B - mu_R) / sigma_R.",
+            "",
+            "| norm | B | mean abs(r - 1) | channels with r at its clip | mean abs(d) | "
+            "channels with d at its clip |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n, b, c in clipped:
+            lines.append(
+                f"| {LABELS[n]} | {b} | {c['r_dev']:.3f} ({c['r_dev_worst_layer']:.3f}) | "
+                f"{100 * c['r_clipped']:.1f}% ({100 * c['r_clipped_worst_layer']:.1f}%) | "
+                f"{c['d_abs']:.3f} ({c['d_abs_worst_layer']:.3f}) | "
+                f"{100 * c['d_clipped']:.1f}% ({100 * c['d_clipped_worst_layer']:.1f}%) |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -84,6 +84,13 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
         assert label in table
     assert "B=16" in table and "B=2" in table
     assert "Validation cross-entropy" in table
+    # Batch Renorm runs carry their clip diagnostics; no other run does.
+    for r in runs:
+        assert ("brn_clip" in r) == (r["norm"] == "brn")
+        if r["norm"] == "brn":
+            assert r["brn_clip"]["r_dev"] > 0 and 0 <= r["brn_clip"]["r_clipped"] <= 1
+            assert r["brn_clip"]["r_dev_worst_layer"] >= r["brn_clip"]["r_dev"]
+    assert "| Batch Renorm | 2 |" in table and "| Batch Renorm | 16 |" in table
     for r in runs:
         assert r["val_loss"] > 0
 
