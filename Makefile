@@ -29,12 +29,12 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# Speed: per-layer norms table, then trainer overhead / data pipeline / DDP (~15 min).
+# Speed: per-layer norms table, then trainer overhead / data pipeline / DDP (~9 min).
 bench: $(STAMP)
 	$(PY) bench/norms.py
 	$(PY) bench/speed.py
 
-# The small-batch study: the full grid (~30 min on 2 cores); `--quick` runs in make test.
+# The small-batch study: the default grid (~33 min on 2 cores); `--quick` runs in make test.
 study: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py
 

@@ -101,13 +101,10 @@ class _InMemory:
         return (self.batches[i % len(self.batches)] for i in range(skip_batches, self.per_epoch))
 
 
-def _trainer_seconds(cfg, overrides: list[str], steps: int, in_memory: _InMemory | None):
+def _trainer_seconds(preset: str, overrides: list[str], steps: int, in_memory: _InMemory | None):
     """Wall time of ``trainer.loop.train`` for ``steps`` steps in a fresh run folder."""
     with tempfile.TemporaryDirectory() as tmp:
-        run_cfg = load_config(
-            ROOT / "configs" / cfg,
-            [*overrides, f"run.output_dir={tmp}", f"train.max_steps={steps}"],
-        )
+        run_cfg = _config(preset, [*overrides, f"run.output_dir={tmp}", f"train.max_steps={steps}"])
         original = loop.train_loader
         if in_memory is not None:
             loop.train_loader = in_memory
@@ -245,8 +242,6 @@ def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
         "model_images_per_s": model,
         "loader_over_model": loader / model,
         "trainer_step_in_memory_s": step_mem,
-        "trainer_step_real_loader_s": statistics.median(real[workers]),
-        "real_over_in_memory": statistics.median(real[workers]) / step_mem,
         "by_workers": {
             str(w): {
                 "trainer_step_s": statistics.median(real[w]),

@@ -50,6 +50,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -105,10 +106,10 @@ def load_tensors(root: Path, num_train: int, num_val: int, size: int) -> Path:
 
 # -- one training run ------------------------------------------------------------------
 class SmallResNet(nn.Sequential):
-    """ResNet-10 at a quarter of ResNet-18's width for 32-px inputs: a 3x3 stem, then one
+    """ResNet-10 at a quarter of ResNet-18's width for small inputs: a 3x3 stem, then one
     torchvision BasicBlock per stage at widths 16-32-64-128 (0.7 M parameters).  Small
     enough for the whole grid to run on 2 CPU cores, deep enough (11 norm layers, down to
-    4x4 maps) for batch statistics to matter."""
+    2x2 maps at 16 px) for batch statistics to matter."""
 
     def __init__(self, num_classes: int = 3, widths=(16, 32, 64, 128)):
         from torchvision.models.resnet import BasicBlock
@@ -143,7 +144,8 @@ def build(kind: str, brn_warmup: int) -> nn.Module:
 
 
 def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dict:
-    """Train one (norm, batch, seed) cell; on rank 0 return its validation accuracy."""
+    """Train one (norm, batch, seed) cell; return its row: the cell, validation accuracy
+    and loss, steps, time, a weights fingerprint, Batch Renorm's clip diagnostics."""
     data = torch.load(data_path, weights_only=True)
     x_train, y_train = data["train"]
     x_val, y_val = data["val"]
@@ -419,7 +421,7 @@ def log_wandb(
 # -- main ------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke-test size (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="smoke-test size (~15 s)")
     ap.add_argument("--norms", nargs="+", default=list(DEFAULT_NORMS), choices=NORMS)
     ap.add_argument("--batches", nargs="+", type=int, default=[32, 16, 8, 4, 2])
     ap.add_argument("--seeds", type=int, default=3)
@@ -427,7 +429,6 @@ def main(argv=None) -> int:
     ap.add_argument("--num-train", type=int, default=1536)
     ap.add_argument("--num-val", type=int, default=600)
     ap.add_argument("--image-size", type=int, default=16)
-    # AdamW as in the detection preset: with SGD this small net sat at chance for 8 epochs.
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ref-batch", type=int, default=32)
@@ -489,12 +490,10 @@ def main(argv=None) -> int:
             print(_line(r), flush=True)
     # Then the 2-process cells, alone: next to the pool (4 busy processes on 2 cores) each
     # gloo collective waits for a descheduled peer and a cell takes ~7x longer.
-    for c in [c for c in cells if c["norm"] in SYNC]:
-        rows.append(run_sync(c, data_path, out))
-        print(_line(rows[-1]), flush=True)
-    for f in out.glob("sync_*.json"):
-        f.unlink()
-    rows.sort(key=lambda r: (NORMS.index(r["norm"]), -r["batch"], r["seed"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in [c for c in cells if c["norm"] in SYNC]:
+            rows.append(run_sync(c, data_path, Path(tmp)))
+            print(_line(rows[-1]), flush=True)
     wall = (time.perf_counter() - t0) / 60
 
     meta = dict(
@@ -514,6 +513,7 @@ def main(argv=None) -> int:
 
 def report(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) -> None:
     """``name``.json (meta, every run, the summary), .md, .png, and the wandb run."""
+    rows = sorted(rows, key=lambda r: (NORMS.index(r["norm"]), -r["batch"], r["seed"]))
     batches = sorted({r["batch"] for r in rows}, reverse=True)
     summary = summarize(rows, batches, meta["min_batch"])
     (out / f"{name}.json").write_text(
@@ -551,7 +551,6 @@ def render(study_jsons: list[Path], out: Path, use_wandb: bool) -> int:
     # Keyed by cell, later files winning: re-merging an already merged file adds nothing.
     by_cell = {(r["norm"], r["batch"], r["seed"]): r for s in saved for r in s["runs"]}
     rows = list(by_cell.values())
-    rows.sort(key=lambda r: (NORMS.index(r["norm"]), -r["batch"], r["seed"]))
     out.mkdir(parents=True, exist_ok=True)
     report(rows, meta, out, study_jsons[0].stem, use_wandb)
     return 0

@@ -1,31 +1,16 @@
 """bench/speed.py --quick runs end to end and reports every measurement it promises."""
 
 import json
-import subprocess
 
 import pytest
 
-from tests.trainer.conftest import PY, ROOT, subprocess_env
+from tests.bench.conftest import run_bench
 
 
 def test_quick_mode_reports_all_measurements(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            PY,
-            str(ROOT / "bench" / "speed.py"),
-            "--quick",
-            "--out",
-            str(out),
-            "--data-root",
-            str(tmp_path / "data"),
-        ],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    data = tmp_path / "data"
+    proc = run_bench("speed.py", "--quick", "--out", out, "--data-root", data, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "speed_quick.json").read_text())
     over = res["trainer_overhead"]
@@ -34,7 +19,7 @@ def test_quick_mode_reports_all_measurements(tmp_path):
     # --quick is one repeat, so the per-repeat range is that repeat's ratio.
     assert over["ratio_range"] == [pytest.approx(over["ratio"])] * 2
     pipe = res["data_pipeline"]
-    for key in ("loader_images_per_s", "model_images_per_s", "real_over_in_memory"):
+    for key in ("loader_images_per_s", "model_images_per_s", "trainer_step_in_memory_s"):
         assert pipe[key] > 0
     # 0 workers, 1, and the preset's 2, each against the same in-memory step.
     assert set(pipe["by_workers"]) == {"0", "1", "2"}
