@@ -2,13 +2,18 @@
 GroupNorm + Weight Standardization, a kind registry, model conversion and the
 per-run norm policy."""
 
-from torchvision.ops import FrozenBatchNorm2d
-
-from norms.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from norms.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, renorm_diagnostics
 from norms.convert import convert_norms, is_batch_norm
 from norms.group_norm import choose_groups, group_norm
-from norms.policy import PARTS, NormChoice, NormPolicy, select_norm
-from norms.registry import available_norms, build_norm, get_norm, register_norm
+from norms.policy import PARTS, NormChoice, NormPolicy, resolve_device, select_norm
+from norms.registry import (
+    available_norms,
+    build_norm,
+    get_norm,
+    is_batch_norm_kind,
+    norm_for_rank,
+    register_norm,
+)
 from norms.sync import SyncBatchNorm, SyncBatchRenorm
 from norms.weight_std import WSConv2d, convert_convs_to_ws, standardize_weight
 
@@ -31,7 +36,21 @@ __all__ = [
     "get_norm",
     "group_norm",
     "is_batch_norm",
+    "is_batch_norm_kind",
+    "norm_for_rank",
     "register_norm",
+    "renorm_diagnostics",
+    "resolve_device",
     "select_norm",
     "standardize_weight",
 ]
+
+
+def __getattr__(name: str):
+    # torchvision's FrozenBatchNorm2d, re-exported lazily: `import norms` does not import
+    # torchvision (see norms.registry).
+    if name == "FrozenBatchNorm2d":
+        from torchvision.ops import FrozenBatchNorm2d
+
+        return FrozenBatchNorm2d
+    raise AttributeError(f"module 'norms' has no attribute {name!r}")

@@ -42,7 +42,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from norms.functional import batch_stats, normalize, sync_stats
 
-__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_limits"]
+__all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "renorm_limits",
+    "renorm_diagnostics",
+]
 
 
 def renorm_limits(rmax: float, dmax: float, warmup_steps: int, t: int) -> tuple[float, float]:
@@ -155,6 +161,17 @@ class _RenormMixin:
             "r_dev": (r - 1).abs().mean().item(),
             "d_abs": d.abs().mean().item(),
         }
+
+
+def renorm_diagnostics(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Clip diagnostics (``renorm_stats``) of every Batch Renorm layer in ``model`` that
+    has run a training forward, by module name, in module order.  Sync layers included;
+    reading them does not change training."""
+    return {
+        name: stats
+        for name, m in model.named_modules()
+        if isinstance(m, _RenormMixin) and (stats := m.renorm_stats())
+    }
 
 
 class _BatchRenorm(_RenormMixin, _BatchNorm):

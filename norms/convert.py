@@ -15,36 +15,39 @@ bias) is carried; the model has to be (fine-)tuned after converting to GN.
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torchvision.ops import FrozenBatchNorm2d
 
-from norms.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from norms.group_norm import choose_groups
-from norms.registry import get_norm
+from norms.registry import _NORMS, get_norm, norm_for_rank
 
 __all__ = ["convert_norms", "is_batch_norm"]
 
-# bn and brn have one class per input rank; the others accept any rank (or only 2d).
-_DIM_VARIANTS = {
-    "bn": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
-    "brn": {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
-}
 _INHERITED = ("eps", "momentum", "affine", "track_running_stats")
 
 
+def _frozen_bn_class() -> type | None:
+    # A FrozenBatchNorm2d can only exist once torchvision.ops.misc was imported, so
+    # looking it up there keeps `import norms` free of torchvision.
+    return getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
+
+
 def is_batch_norm(m: nn.Module) -> bool:
-    return isinstance(m, (_BatchNorm, FrozenBatchNorm2d))
+    frozen = _frozen_bn_class()
+    return isinstance(m, _BatchNorm) or (frozen is not None and isinstance(m, frozen))
 
 
 def _input_rank(m: nn.Module) -> int:
-    if isinstance(m, (nn.BatchNorm1d, BatchRenorm1d)):
-        return 1
-    if isinstance(m, (nn.BatchNorm3d, BatchRenorm3d)):
-        return 3
-    return 2  # 2d classes, FrozenBatchNorm2d, and the rank-agnostic sync layers
+    # The registry's per-rank classes (BatchNorm1d/3d, BatchRenorm1d/3d) say; 2d classes,
+    # FrozenBatchNorm2d and the rank-agnostic sync layers are 2d.
+    for spec in _NORMS.values():
+        for rank, cls in spec.by_rank.items():
+            if isinstance(cls, type) and isinstance(m, cls):
+                return rank
+    return 2
 
 
 def _accepted(ctor, names) -> set[str]:
@@ -58,12 +61,10 @@ def _convert_one(old: nn.Module, kind: str, kwargs: dict) -> nn.Module:
     num_features = (
         old.running_mean.shape[0] if old.running_mean is not None else old.weight.shape[0]
     )
-    ctor = get_norm(kind)
-    rank = _input_rank(old)
-    if kind in _DIM_VARIANTS:
-        ctor = _DIM_VARIANTS[kind][rank]
-    elif kind == "frozenbn" and rank != 2:
-        raise ValueError(f"frozenbn exists only in 2d; cannot replace {type(old).__name__}")
+    try:
+        ctor = norm_for_rank(kind, _input_rank(old))
+    except ValueError as e:
+        raise ValueError(f"{e}: cannot replace {type(old).__name__}") from None
     if kind == "gn":
         kwargs = {"num_groups": choose_groups(num_features), **kwargs}
     inherited = {

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from norms.group_norm import choose_groups
 from norms.registry import available_norms
 
-__all__ = ["PARTS", "NormChoice", "NormPolicy", "select_norm", "sync_impl"]
+__all__ = ["PARTS", "NormChoice", "NormPolicy", "resolve_device", "select_norm", "sync_impl"]
 
 PARTS = ("backbone", "neck", "head")
 SYNC_KINDS = ("syncbn", "syncbrn")
@@ -88,6 +88,19 @@ class NormChoice:
         return d
 
 
+def resolve_device(device: str, backend: str, *, cuda_available: bool) -> tuple[str, str]:
+    """The one "auto" rule: (``device``, ``backend``) with auto resolved.
+
+    ``device`` auto|cpu|cuda: auto is cuda when a CUDA device is visible.  ``backend``
+    auto|nccl|gloo: auto is nccl on CUDA, gloo on the CPU.
+    """
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    if backend == "auto":
+        backend = "nccl" if device == "cuda" else "gloo"
+    return device, backend
+
+
 def sync_impl(kind: str, world_size: int, device: str, backend: str | None) -> str:
     """Which implementation runs a layer of ``kind``.
 
@@ -98,8 +111,7 @@ def sync_impl(kind: str, world_size: int, device: str, backend: str | None) -> s
     """
     if kind not in SYNC_KINDS or world_size == 1:
         return "plain"
-    if backend is None:
-        backend = "nccl" if device == "cuda" else "gloo"
+    _, backend = resolve_device(device, backend or "auto", cuda_available=device == "cuda")
     if kind == "syncbn" and device == "cuda" and backend != "gloo":
         return "torch-fused"
     return "portable"

@@ -1,28 +1,60 @@
-"""Short kind names -> norm-layer constructors.
+"""Short kind names -> norm-layer constructors, and what each kind is.
 
 Every constructor takes ``num_features`` first and keywords after, like
 ``nn.BatchNorm2d``, so ``build_norm(kind, C, **kw)`` can build any of them.  Kinds are the
 names used in configs and by the policy: bn, brn, syncbn, syncbrn, gn, frozenbn, none.
+
+The registry is the one place that knows which kinds are *BatchNorm-family* (they keep
+running statistics under BatchNorm's state_dict keys, so checkpoints move between them)
+and which have one class per input rank (``nn.BatchNorm1d/2d/3d``); conversion and the
+trainer ask it instead of keeping their own lists.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
-from norms.batch_renorm import BatchRenorm2d
+from norms.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from norms.group_norm import group_norm
 from norms.sync import SyncBatchNorm, SyncBatchRenorm
 
-__all__ = ["register_norm", "build_norm", "available_norms", "get_norm"]
+__all__ = [
+    "register_norm",
+    "build_norm",
+    "available_norms",
+    "get_norm",
+    "is_batch_norm_kind",
+    "norm_for_rank",
+]
 
-_NORMS: dict[str, Callable[..., nn.Module]] = {}
+
+@dataclass(frozen=True)
+class _Spec:
+    ctor: Callable[..., nn.Module]
+    batch_norm: bool
+    # Input rank (1, 2, 3 for 1d/2d/3d) -> constructor, for kinds with one class per
+    # rank; empty for rank-agnostic kinds (sync layers, gn, none).
+    by_rank: dict[int, Callable[..., nn.Module]] = field(default_factory=dict)
 
 
-def register_norm(name: str, *, override: bool = False):
-    """Decorator: ``@register_norm("mynorm")`` on a constructor ``f(num_features, **kw)``."""
+_NORMS: dict[str, _Spec] = {}
+
+
+def register_norm(
+    name: str,
+    *,
+    override: bool = False,
+    batch_norm: bool = False,
+    by_rank: dict[int, Callable[..., nn.Module]] | None = None,
+):
+    """Decorator: ``@register_norm("mynorm")`` on a constructor ``f(num_features, **kw)``.
+
+    ``batch_norm=True`` declares a BatchNorm-family kind (BatchNorm's buffers and keys);
+    ``by_rank`` maps input rank to the class that conversion uses for that rank.
+    """
 
     def deco(ctor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if not name or name != name.lower():
@@ -30,9 +62,9 @@ def register_norm(name: str, *, override: bool = False):
         if name in _NORMS and not override:
             raise ValueError(
                 f"norm kind {name!r} is already registered "
-                f"(to {_NORMS[name]!r}); pass override=True to replace it"
+                f"(to {_NORMS[name].ctor!r}); pass override=True to replace it"
             )
-        _NORMS[name] = ctor
+        _NORMS[name] = _Spec(ctor, batch_norm, dict(by_rank or {}))
         return ctor
 
     return deco
@@ -42,13 +74,33 @@ def available_norms() -> list[str]:
     return sorted(_NORMS)
 
 
-def get_norm(kind: str) -> Callable[..., nn.Module]:
+def _spec(kind: str) -> _Spec:
     try:
         return _NORMS[kind]
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown norm kind {kind!r}; valid kinds: {', '.join(available_norms())}"
         ) from None
+
+
+def get_norm(kind: str) -> Callable[..., nn.Module]:
+    return _spec(kind).ctor
+
+
+def is_batch_norm_kind(kind: str) -> bool:
+    """True for the BatchNorm family (bn, brn, syncbn, syncbrn, frozenbn)."""
+    return _spec(kind).batch_norm
+
+
+def norm_for_rank(kind: str, rank: int) -> Callable[..., nn.Module]:
+    """The constructor of ``kind`` for inputs of ``rank`` (1d/2d/3d)."""
+    spec = _spec(kind)
+    if not spec.by_rank:
+        return spec.ctor
+    if rank not in spec.by_rank:
+        ranks = "/".join(f"{r}d" for r in sorted(spec.by_rank))
+        raise ValueError(f"{kind} exists only in {ranks}; cannot build a {rank}d layer")
+    return spec.by_rank[rank]
 
 
 def build_norm(kind: str, num_features: int, **kwargs) -> nn.Module:
@@ -62,10 +114,24 @@ def _identity(num_features: int, **_ignored) -> nn.Module:
     return nn.Identity()
 
 
-register_norm("bn")(nn.BatchNorm2d)
-register_norm("brn")(BatchRenorm2d)
-register_norm("syncbn")(SyncBatchNorm)
-register_norm("syncbrn")(SyncBatchRenorm)
+def _frozen_bn(num_features: int, eps: float = 1e-5) -> nn.Module:
+    # Imported on first use: `import norms` must not import torchvision (its import is
+    # heavy, and in 2-process gloo jobs it alone makes exit abort now and then).
+    from torchvision.ops import FrozenBatchNorm2d
+
+    return FrozenBatchNorm2d(num_features, eps=eps)
+
+
+register_norm(
+    "bn",
+    batch_norm=True,
+    by_rank={1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+)(nn.BatchNorm2d)
+register_norm(
+    "brn", batch_norm=True, by_rank={1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
+)(BatchRenorm2d)
+register_norm("syncbn", batch_norm=True)(SyncBatchNorm)
+register_norm("syncbrn", batch_norm=True)(SyncBatchRenorm)
+register_norm("frozenbn", batch_norm=True, by_rank={2: _frozen_bn})(_frozen_bn)
 register_norm("gn")(group_norm)
-register_norm("frozenbn")(FrozenBatchNorm2d)
 register_norm("none")(_identity)

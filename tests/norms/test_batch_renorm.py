@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import norms
 from norms import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from tests.norms.reference import batch_renorm_step, running_norm
 
@@ -208,3 +209,15 @@ def test_renorm_stats_report_clipping():
     assert s["r_clipped"] == 1.0 and s["d_clipped"] == 1.0
     assert s["d_abs"] == pytest.approx(0.5)
     assert s["r_dev"] == pytest.approx(0.5)
+
+
+def test_renorm_diagnostics_reads_every_trained_renorm_layer_by_name():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), BatchRenorm2d(4, warmup_steps=0), nn.BatchNorm2d(4), BatchRenorm2d(4)
+    )
+    assert norms.renorm_diagnostics(model) == {}  # no training forward yet
+    model(torch.randn(4, 3, 5, 5) * 3 + 1)
+    diag = norms.renorm_diagnostics(model)
+    assert list(diag) == ["1", "3"]  # Batch Renorm layers only, in module order
+    assert diag["1"] == model[1].renorm_stats() and diag["1"]["rmax_t"] == 3.0
+    assert diag["3"]["rmax_t"] == 1.0  # its warm-up has not started: still BatchNorm

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -52,3 +55,28 @@ def test_register_norm_decorator_and_duplicates():
             register_norm("LN")(layer_norm_2d)
     finally:
         _NORMS.pop("ln2d", None)
+
+
+def test_registry_knows_the_batch_norm_family_and_rank_variants():
+    family = {k for k in available_norms() if norms.is_batch_norm_kind(k)}
+    assert family == {"bn", "brn", "syncbn", "syncbrn", "frozenbn"}
+    assert norms.norm_for_rank("bn", 1) is nn.BatchNorm1d
+    assert norms.norm_for_rank("brn", 3) is norms.BatchRenorm3d
+    assert norms.norm_for_rank("syncbn", 1) is norms.SyncBatchNorm  # rank-agnostic
+    with pytest.raises(ValueError, match="frozenbn exists only in 2d"):
+        norms.norm_for_rank("frozenbn", 1)
+    with pytest.raises(ValueError, match="unknown norm kind 'nope'"):
+        norms.is_batch_norm_kind("nope")
+
+
+def test_import_norms_does_not_import_torchvision():
+    # torchvision is heavy, and importing it alone makes 2-process gloo jobs abort at
+    # exit now and then; the layer library must not pay for it.
+    code = (
+        "import sys, norms; assert 'torchvision' not in sys.modules, 'imported'; "
+        "norms.convert_norms(norms.build_norm('bn', 4), 'brn'); "
+        "assert 'torchvision' not in sys.modules, 'converted'; "
+        "norms.FrozenBatchNorm2d; assert 'torchvision' in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
