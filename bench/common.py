@@ -1,10 +1,9 @@
-"""Shared by the bench scripts: the machine description and a loopback port."""
+"""Shared by the bench scripts: the machine description."""
 
 from __future__ import annotations
 
 import os
 import platform
-import socket
 from pathlib import Path
 
 import torch
@@ -27,9 +26,3 @@ def machine() -> str:
     if torch.cuda.is_available():
         desc += f"; {torch.cuda.get_device_name()}"
     return desc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -27,31 +27,26 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import free_port, machine  # noqa: E402
+from common import machine  # noqa: E402
 
-import trainer.loop as loop  # noqa: E402
 from norms import convert_norms  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.data import build_datasets, train_loader  # noqa: E402
-from trainer.distributed import DistEnv  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from trainer.distributed import DistEnv, spawn_gloo  # noqa: E402
+from trainer.loop import train  # noqa: E402
 from trainer.norm_plan import plan_norms  # noqa: E402
-from trainer.optim import build_optimizer, build_scheduler, scaled_lr  # noqa: E402
+from trainer.training import build_training, load_datasets, loader_factory  # noqa: E402
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
 # Trainer runs measure training steps: no wandb, no periodic checkpoint or evaluation.
@@ -62,42 +57,18 @@ def _config(preset: str, overrides: list[str]):
     return load_config(ROOT / "configs" / preset, overrides)
 
 
-def _datasets(cfg):
-    return build_datasets(
-        cfg.data.dataset,
-        cfg.data.root,
-        cfg.model.task,
-        generate=True,
-        image_size=cfg.data.image_size,
-        num_train=cfg.data.num_train,
-        num_val=cfg.data.num_val,
-        seed=cfg.run.seed,
-    )
-
-
 def _batches(cfg, ds, n: int) -> list:
     """``n`` real batches from the trainer's loader, kept in memory."""
-    it = train_loader(
-        ds,
-        batch=cfg.train.per_device_batch,
-        world_size=1,
-        rank=0,
-        seed=0,
-        epoch=0,
-        skip_batches=0,
-        workers=0,
-        task=cfg.model.task,
-    )
-    return list(itertools.islice(it, n))
+    return list(itertools.islice(loader_factory(cfg, CPU, ds)(epoch=0, skip_batches=0), n))
 
 
 class _InMemory:
-    """Stands in for ``train_loader``: the same few batches, epoch after epoch."""
+    """A loader factory for ``train(loader=...)``: the same few batches, every epoch."""
 
     def __init__(self, batches: list, per_epoch: int):
         self.batches, self.per_epoch = batches, per_epoch
 
-    def __call__(self, *args, skip_batches: int = 0, **kw):
+    def __call__(self, *, epoch: int, skip_batches: int):
         return (self.batches[i % len(self.batches)] for i in range(skip_batches, self.per_epoch))
 
 
@@ -105,37 +76,18 @@ def _trainer_seconds(preset: str, overrides: list[str], steps: int, in_memory: _
     """Wall time of ``trainer.loop.train`` for ``steps`` steps in a fresh run folder."""
     with tempfile.TemporaryDirectory() as tmp:
         run_cfg = _config(preset, [*overrides, f"run.output_dir={tmp}", f"train.max_steps={steps}"])
-        original = loop.train_loader
-        if in_memory is not None:
-            loop.train_loader = in_memory
-        try:
-            t0 = time.perf_counter()
-            loop.train(run_cfg, CPU)
-            return time.perf_counter() - t0
-        finally:
-            loop.train_loader = original
+        t0 = time.perf_counter()
+        train(run_cfg, CPU, loader=in_memory)
+        return time.perf_counter() - t0
 
 
-def _hand_loop_seconds(cfg, batches: list, steps: int, warmup: int = 3) -> float:
-    """The minimal loop: same model, optimizer, schedule and batches; no service."""
-    plan = plan_norms(cfg, 1, "cpu", "gloo")
-    brn = dict(
-        rmax=cfg.norm.brn.rmax, dmax=cfg.norm.brn.dmax, warmup_steps=cfg.norm.brn.warmup_steps
-    )
+def _hand_loop_seconds(preset, overrides, batches: list, steps: int, warmup: int = 3) -> float:
+    """The minimal loop: the trainer's model, optimizer and schedule (built by the same
+    ``build_training``) on the same batches; no service around the step."""
+    cfg = _config(preset, [*overrides, f"train.max_steps={steps + warmup}"])
     torch.manual_seed(cfg.run.seed)
-    model = build_model(
-        cfg.model.arch,
-        cfg.model.num_classes,
-        plan,
-        image_size=cfg.data.image_size,
-        fpn_channels=cfg.model.fpn_channels,
-        brn=brn,
-    )
-    lr = scaled_lr(cfg.train.lr, cfg.train.ref_batch, cfg.train.per_device_batch, 1, 1)
-    opt = build_optimizer(
-        model, cfg.train.optimizer, lr, cfg.train.momentum, cfg.train.weight_decay
-    )
-    sched = build_scheduler(opt, cfg.train.warmup_steps, steps + warmup)
+    t = build_training(cfg, CPU, plan_norms(cfg, 1, "cpu", "gloo"))
+    model, opt, sched = t.model, t.optimizer, t.scheduler
     model.train()
 
     def step(batch):
@@ -165,7 +117,7 @@ def trainer_overhead(repeats: int, short: int, long: int, data: list[str]) -> di
     preset = "shapes_cls.yaml"
     overrides = [*data, *QUIET, "data.num_val=64", "data.num_workers=0"]
     cfg = _config(preset, overrides)
-    train_ds, _ = _datasets(cfg)
+    train_ds, _ = load_datasets(cfg, CPU)
     batches = _batches(cfg, train_ds, 8)
     in_memory = _InMemory(batches, len(train_ds) // cfg.train.per_device_batch)
     trainer_step, hand_step = [], []
@@ -173,7 +125,8 @@ def trainer_overhead(repeats: int, short: int, long: int, data: list[str]) -> di
         t_short = _trainer_seconds(preset, overrides, short, in_memory)
         t_long = _trainer_seconds(preset, overrides, long, in_memory)
         trainer_step.append((t_long - t_short) / (long - short))
-        hand_step.append(_hand_loop_seconds(cfg, batches, long - short) / (long - short))
+        hand = _hand_loop_seconds(preset, overrides, batches, long - short)
+        hand_step.append(hand / (long - short))
     t, h = statistics.median(trainer_step), statistics.median(hand_step)
     # Each repeat's trainer and hand runs are back to back: their ratio shows the noise.
     per_repeat = [a / b for a, b in zip(trainer_step, hand_step, strict=True)]
@@ -194,24 +147,12 @@ def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
     preset = "shapes_det.yaml"
     base = [*data, *QUIET, "data.num_val=16"]
     cfg = _config(preset, base)
-    train_ds, _ = _datasets(cfg)
+    train_ds, _ = load_datasets(cfg, CPU)
     batch, workers = cfg.train.per_device_batch, cfg.data.num_workers
     # The loader alone, with the preset's workers, over `long` batches.
     loader_ips = []
     for _ in range(repeats):
-        it = iter(
-            train_loader(
-                train_ds,
-                batch=batch,
-                world_size=1,
-                rank=0,
-                seed=0,
-                epoch=0,
-                skip_batches=0,
-                workers=workers,
-                task="detection",
-            )
-        )
+        it = iter(loader_factory(cfg, CPU, train_ds)(epoch=0, skip_batches=0))
         next(it)  # workers started
         t0 = time.perf_counter()
         for _ in range(long):
@@ -219,7 +160,9 @@ def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
         loader_ips.append(long * batch / (time.perf_counter() - t0))
         del it
     batches = _batches(cfg, train_ds, 8)
-    model_ips = [long * batch / _hand_loop_seconds(cfg, batches, long) for _ in range(repeats)]
+    model_ips = [
+        long * batch / _hand_loop_seconds(preset, base, batches, long) for _ in range(repeats)
+    ]
     in_memory = _InMemory(batches, len(train_ds) // batch)
     # The trainer with the real loader at 0 workers (loading in the training process), 1,
     # and the preset's count: loader workers share the cores with the training threads.
@@ -253,38 +196,29 @@ def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
 
 
 # -- DDP on the CPU ------------------------------------------------------------------------
-def _ddp_worker(
-    rank: int, world: int, port: int, kind: str, batch: int, size: int, steps: int, out: str
-) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+def _ddp_worker(rank: int, world: int, kind: str, batch: int, size: int, steps: int, out: str):
     torch.set_num_threads(1)
     from torchvision.models import resnet18
 
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=5))
-    try:
-        torch.manual_seed(0)
-        model = convert_norms(
-            resnet18(num_classes=3), kind, **({"warmup_steps": 0} if kind == "syncbrn" else {})
-        )
-        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x = torch.randn(batch, 3, size, size)
-        y = torch.randint(0, 3, (batch,))
-        times = []
-        for i in range(steps + 3):
-            t0 = time.perf_counter()
-            nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-        if rank == 0:
-            Path(out).write_text(json.dumps(statistics.median(times)))
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = convert_norms(
+        resnet18(num_classes=3), kind, **({"warmup_steps": 0} if kind == "syncbrn" else {})
+    )
+    # World size 1 runs the plain model (sync layers take their no-collective path).
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 3, (batch,))
+    times = []
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    if rank == 0:
+        Path(out).write_text(json.dumps(statistics.median(times)))
 
 
 def ddp_cpu(repeats: int, steps: int, batch: int = 8, size: int = 64) -> dict:
@@ -294,11 +228,7 @@ def ddp_cpu(repeats: int, steps: int, batch: int = 8, size: int = 64) -> dict:
         for _ in range(repeats):
             for kind in ("bn", "syncbn", "syncbrn"):
                 for world in (1, 2):
-                    mp.spawn(
-                        _ddp_worker,
-                        nprocs=world,
-                        args=(world, free_port(), kind, batch, size, steps, out),
-                    )
+                    spawn_gloo(_ddp_worker, world, kind, batch, size, steps, out, timeout=None)
                     results.setdefault(kind, {}).setdefault(str(world), []).append(
                         json.loads(Path(out).read_text())
                     )
@@ -311,7 +241,7 @@ def ddp_cpu(repeats: int, steps: int, batch: int = 8, size: int = 64) -> dict:
         row["vs_ddp_bn"] = row["two_procs_s"] / base
     return {
         "what": f"ResNet-18 classifier step, per-device batch {batch}, {size} px, 1 thread "
-        "per process (world size 1 = no process group, plain BN)",
+        "per process (world size 1: no DDP, sync layers on their no-collective path)",
         "rows": rows,
     }
 

@@ -1,5 +1,6 @@
-"""normpilot's training service (configs, policy application, distributed loop).
+"""normpilot's training service: ``python -m trainer train|policy``.
 
-Being built in the tracker's issues 3 (config + policy command) and 4 (training loop);
-until then ``make train`` runs ``python -m norms.demo``.
+config.py (typed config) -> norm_plan.py (the norm policy per model part) -> training.py
+(datasets, model, DDP, optimizer) -> loop.py (``train``) with checkpoint.py, evaluate.py
+and logging.py at their points.  See the README's Architecture section.
 """

@@ -1,24 +1,57 @@
-"""Atomic, self-describing checkpoints and auto-resume.
+"""Checkpoints: what a training state holds, when it is saved, and how a run resumes.
+
+* ``TrainState``: everything a resumed run needs that is not in the config: model,
+  optimizer, scheduler, AMP scaler, step, data position (epoch, batch in epoch) and the
+  wandb run id, with ``state_dict()`` / ``load_state_dict()``.
+* ``Checkpointer``: *when* (every ``interval`` steps, the final step, a preemption) and
+  *where* (``step_XXXXXXXX.pt``, the newest ``keep`` kept), plus each rank's RNG states
+  and the resume checks.
+* ``StopFlag``: SIGTERM/SIGINT become a flag the loop acts on at a step boundary.
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsynced,
 then renamed into place: a crash mid-write leaves the previous checkpoints untouched and
-no half-written file under a checkpoint's name.  Files are ``step_XXXXXXXX.pt``; the
-newest ``keep`` are kept.  Everything inside loads with ``torch.load(weights_only=True)``.
+no half-written file under a checkpoint's name.  Everything inside loads with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import random
 import re
+import signal
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["save_checkpoint", "list_checkpoints", "load_latest", "unwrap"]
+from norms import NormChoice, is_batch_norm_kind
+from trainer.distributed import DistEnv, average_local_bn_stats
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "StopFlag",
+    "TrainState",
+    "list_checkpoints",
+    "load_latest",
+    "save_checkpoint",
+    "seed_everything",
+    "unwrap",
+    "write_atomic",
+]
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+class CheckpointError(ValueError):
+    pass
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -30,6 +63,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+# -- files -------------------------------------------------------------------------------
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -69,3 +109,203 @@ def load_latest(folder: str | Path) -> tuple[dict, Path] | None:
         except Exception as e:  # noqa: BLE001 - truncated/corrupt files all mean "skip"
             warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
     return None
+
+
+# -- RNG ---------------------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _rng_blob() -> torch.Tensor:
+    # Serialized to bytes: object collectives and weights_only loading both handle a
+    # plain uint8 tensor, and each rank's state is kept whole.
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _restore_rng(blob: torch.Tensor) -> None:
+    state = torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather_rng(env: DistEnv) -> list[torch.Tensor]:
+    """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
+    if env.world_size == 1:
+        return [_rng_blob()]
+    blobs = [None] * env.world_size
+    dist.all_gather_object(blobs, _rng_blob().numpy().tobytes())
+    return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+
+
+# -- preemption --------------------------------------------------------------------------
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop agrees on it across ranks at a step boundary."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set and signum == signal.SIGINT:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# -- state ---------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """What a checkpoint restores.  ``data`` is the batch stream: its ``epoch`` and
+    ``pos`` (batches of that epoch already trained) are the data position."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    data: object
+    step: int = 0
+    wandb_id: str | None = None
+
+    def state_dict(self) -> dict:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.data.epoch,
+            "batch_in_epoch": self.data.pos,
+            "wandb_id": self.wandb_id,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.wandb_id = state["step"], state["wandb_id"]
+        self.data.epoch, self.data.pos = state["epoch"], state["batch_in_epoch"]
+
+
+def _bn_family(kind: str) -> bool:
+    try:
+        return is_batch_norm_kind(kind)
+    except ValueError:  # a kind this version does not know shares nothing either
+        return False
+
+
+def check_resume(ckpt: dict, path: Path, arch: str, plan: dict[str, NormChoice]) -> None:
+    """Refuse a checkpoint that cannot continue this run, naming what differs."""
+    old_arch = ckpt.get("config", {}).get("model", {}).get("arch")
+    if old_arch != arch:
+        raise CheckpointError(
+            f"checkpoint {path} is from model.arch={old_arch!r}, this run is "
+            f"model.arch={arch!r}: use another run.name or remove the checkpoint"
+        )
+    for part, info in ckpt.get("policy", {}).get("parts", {}).items():
+        if part not in plan:
+            continue
+        old, new = info["kind"], plan[part].kind
+        if (old == "gn") != (new == "gn") and all(_bn_family(k) for k in {old, new} - {"gn"}):
+            raise CheckpointError(
+                f"checkpoint {path} has {part} norm {old!r}, this run's policy picks {new!r}: "
+                f"GroupNorm and BatchNorm-family layers do not share state.  Pin the part "
+                f"with norm.override.{part}={old} to resume"
+            )
+
+
+class Checkpointer:
+    """When and where checkpoints are written; every rank calls ``save`` (collective).
+
+    ``meta`` (resolved config, policy record) is written into every checkpoint so that
+    each file describes its run.
+    """
+
+    def __init__(self, folder: Path, env: DistEnv, *, interval: int, keep: int, meta: dict):
+        self.folder, self.env = Path(folder), env
+        self.interval, self.keep, self.meta = interval, keep, meta
+        self.last_saved = -1
+        if env.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def latest(self, arch: str, plan: dict[str, NormChoice]) -> tuple[dict, Path] | None:
+        """The newest readable checkpoint, checked against this run (before any model)."""
+        found = load_latest(self.folder)
+        if found is not None:
+            check_resume(*found, arch, plan)
+        return found
+
+    def restore(self, state: TrainState, found: tuple[dict, Path], reseed: Callable) -> None:
+        """Load ``found`` into ``state``.  The same world size restores each rank's RNG;
+        another one (other data shards) starts the next epoch afresh and calls
+        ``reseed(step)``."""
+        ckpt, path = found
+        try:
+            state.load_state_dict(ckpt)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}"
+            ) from None
+        if ckpt["world_size"] == self.env.world_size:
+            _restore_rng(ckpt["rng"][self.env.rank])
+        else:
+            data = state.data
+            data.epoch, data.pos = data.epoch + (data.pos > 0), 0
+            reseed(state.step)
+        self.last_saved = state.step
+        if self.env.is_main:
+            print(
+                f"resumed from {path} at step {state.step} (world_size {ckpt['world_size']} "
+                f"-> {self.env.world_size})",
+                flush=True,
+            )
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return step % self.interval == 0 or step == max_steps
+
+    def save(self, state: TrainState) -> Path | None:
+        # Local BN statistics averaged first, so the file doesn't hold rank 0's alone.
+        average_local_bn_stats(state.model, self.env)
+        rngs = _gather_rng(self.env)
+        path = None
+        if self.env.is_main:
+            ckpt = {
+                **state.state_dict(),
+                "rng": rngs,
+                **self.meta,
+                "world_size": self.env.world_size,
+            }
+            path = save_checkpoint(self.folder, state.step, ckpt, self.keep)
+        self.env.barrier()
+        self.last_saved = state.step
+        return path
+
+    def save_unsaved(self, state: TrainState) -> None:
+        """A preemption's save: skipped if this step is already on disk."""
+        if self.last_saved != state.step:
+            self.save(state)

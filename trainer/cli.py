@@ -21,12 +21,15 @@ __all__ = ["main"]
 def _policy(args: argparse.Namespace) -> int:
     import torch
 
-    from trainer.norm_plan import format_table, plan_norms, resolve_device
+    from norms import resolve_device
+    from trainer.norm_plan import format_table, plan_norms
 
     cfg = load_config(args.config, args.overrides)
     if args.device:
         cfg.run.device = args.device
-    device, backend = resolve_device(cfg, torch.cuda.is_available())
+    device, backend = resolve_device(
+        cfg.run.device, cfg.dist.backend, cuda_available=torch.cuda.is_available()
+    )
     plan = plan_norms(cfg, args.world_size, device, backend)
     accum = cfg.train.grad_accum
     print(

@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from trainer.archs import CLASSIFICATION_ARCHS, DETECTION_ARCHS, task_of
+
 __all__ = ["Config", "ConfigError", "load_config", "to_yaml", "to_dict"]
 
 
@@ -68,15 +70,6 @@ class DataConfig:
         _at_least("data.num_workers", self.num_workers, 0)
 
 
-DETECTION_ARCHS = (
-    "fcos_resnet18_fpn",
-    "fcos_resnet50_fpn",
-    "retinanet_resnet18_fpn",
-    "retinanet_resnet50_fpn",
-)
-CLASSIFICATION_ARCHS = ("resnet18", "resnet34", "resnet50")
-
-
 @dataclass
 class ModelConfig:
     arch: str = "fcos_resnet18_fpn"
@@ -91,7 +84,7 @@ class ModelConfig:
 
     @property
     def task(self) -> str:
-        return "detection" if self.arch in DETECTION_ARCHS else "classification"
+        return task_of(self.arch)
 
 
 @dataclass

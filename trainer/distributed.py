@@ -7,17 +7,28 @@ nccl on CUDA, gloo on CPU.  Otherwise it is a plain single process with no group
 from __future__ import annotations
 
 import os
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from norms import SyncBatchNorm, SyncBatchRenorm
+from norms import SyncBatchNorm, SyncBatchRenorm, resolve_device
 
-__all__ = ["DistEnv", "init_distributed", "teardown", "any_flag", "average_local_bn_stats"]
+__all__ = [
+    "DistEnv",
+    "init_distributed",
+    "teardown",
+    "any_flag",
+    "average_local_bn_stats",
+    "free_port",
+    "spawn_gloo",
+]
 
 
 @dataclass(frozen=True)
@@ -42,12 +53,9 @@ def init_distributed(device: str, backend: str, timeout_s: int) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, backend = resolve_device(device, backend, cuda_available=torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device=cuda but no CUDA device is visible")
-    if backend == "auto":
-        backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -117,3 +125,47 @@ def average_local_bn_stats(model: nn.Module, env: DistEnv) -> int:
             dist.all_reduce(buf)
             buf.div_(env.world_size)
     return len(layers)
+
+
+# -- local multi-process jobs (tests, benches): gloo over 127.0.0.1, never another address --
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank: int, world: int, port: int, fn, args: tuple) -> None:
+    # Pin gloo to the loopback interface: without it gloo binds to whatever the host
+    # name resolves to.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn, world: int, *args, timeout: float | None = 180.0) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined in one gloo
+    group on 127.0.0.1; a worker's exception is re-raised here, and a job still running
+    after ``timeout`` seconds is killed (a hang fails instead of blocking forever)."""
+    ctx = mp.start_processes(
+        _gloo_entry,
+        args=(world, free_port(), fn, args),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if deadline is not None and time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"gloo workers did not finish within {timeout}s (hang?)")

@@ -12,7 +12,26 @@ import io
 import torch
 import torch.distributed as dist
 
-__all__ = ["evaluate_detection", "evaluate_classification"]
+from trainer.checkpoint import unwrap
+from trainer.data import eval_loader
+
+__all__ = ["evaluate", "evaluate_detection", "evaluate_classification"]
+
+
+def evaluate(net, val_ds, env, *, task: str, batch: int, workers: int) -> dict[str, float]:
+    """Evaluate ``net`` (bare, DDP or compiled) on ``val_ds`` across ranks; the model is
+    left in the mode it was in."""
+    loader = eval_loader(
+        val_ds, batch=batch, world_size=env.world_size, rank=env.rank, workers=workers, task=task
+    )
+    model = unwrap(net)
+    was_training = model.training
+    try:
+        if task == "detection":
+            return evaluate_detection(model, loader, val_ds, env.device, env.world_size)
+        return evaluate_classification(model, loader, env.device, env.world_size)
+    finally:
+        model.train(was_training)
 
 
 def _gather(obj, world_size: int) -> list:

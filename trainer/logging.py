@@ -1,4 +1,5 @@
-"""Run logging on rank 0: metrics.jsonl (always) and Weights & Biases (offline by default).
+"""Run logging on rank 0: metrics.jsonl (always), Weights & Biases (offline by default),
+the progress line and the end-of-run summary.
 
 metrics.jsonl is append-only, one JSON object per line, flushed per row: it survives any
 crash with at most the row being written.  wandb is best effort: if it cannot start (no
@@ -8,11 +9,14 @@ network, bad key) or fails mid-run, training warns once and goes on without it.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import warnings
 from pathlib import Path
 
-__all__ = ["RunLogger"]
+import torch
+
+__all__ = ["RunLogger", "Progress", "peak_memory_mb", "print_summary"]
 
 
 class RunLogger:
@@ -82,10 +86,6 @@ class RunLogger:
         except Exception as e:  # noqa: BLE001
             self._disable(f"wandb table failed ({type(e).__name__}: {e})")
 
-    @property
-    def wandb_dir(self) -> str | None:
-        return getattr(self._wandb, "dir", None) if self._wandb is not None else None
-
     def close(self) -> None:
         if not self.enabled:
             return
@@ -95,3 +95,47 @@ class RunLogger:
                 self._wandb.finish()
             except Exception as e:  # noqa: BLE001
                 print(f"warning: wandb.finish failed: {e}", file=sys.stderr)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Progress:
+    """tqdm on an interactive terminal, plain periodic lines otherwise (logs, CI)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, every: int):
+        self.bar = None
+        self.enabled, self.every, self.total = enabled, every, total
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, ips: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
+        elif self.enabled and (step % self.every == 0 or step == self.total):
+            print(
+                f"step {step}/{self.total}  loss {loss:.4f}  {ips:.1f} img/s  lr {lr:.2e}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def print_summary(final: dict, run_dir: Path, newest: Path | None, logger: RunLogger, mode: str):
+    """The end-of-run message: final metrics, where the outputs are, wandb's state."""
+    print(
+        f"\nfinal eval: {json.dumps(final)}\noutputs in {run_dir}/ (config.yaml, "
+        f"policy.json, metrics.jsonl, checkpoints/{newest.name if newest else ''})"
+    )
+    if logger.wandb_error:
+        print(f"wandb was dropped during the run ({logger.wandb_error}); metrics.jsonl is complete")
+    elif mode == "offline":
+        print(f"wandb (offline): upload with `wandb sync {run_dir}/wandb/offline-run-*`")

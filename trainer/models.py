@@ -31,6 +31,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from norms import NormChoice, build_norm, convert_convs_to_ws, convert_norms
+from trainer.archs import BACKBONES, backbone_of
 
 __all__ = ["build_model", "norm_kwargs", "ModelError"]
 
@@ -45,7 +46,7 @@ def norm_kwargs(kind: str, brn: dict) -> dict:
 
 
 def _resnet_body(arch: str, weights: str | None, num_classes: int = 1000) -> nn.Module:
-    name = next(n for n in ("resnet18", "resnet34", "resnet50") if n in arch)
+    name = backbone_of(arch)
     body = getattr(resnet, name)(weights=None, num_classes=num_classes)
     if weights is not None:
         path = Path(weights)
@@ -97,8 +98,20 @@ def build_model(
     if arch.startswith("resnet"):
         model = _resnet_body(arch, backbone_weights, num_classes)
         return convert_norms(model, kinds["backbone"], **norm_kwargs(kinds["backbone"], brn))
+    backbone = _backbone_with_fpn(arch, kinds, fpn_channels, backbone_weights, brn)
+    head_choice = plan["head"]
+    # gn: choose_groups(C) instead of torchvision's fixed 32, so any width works.
+    head_norm = partial(build_norm, head_choice.kind, **norm_kwargs(head_choice.kind, brn))
+    model = _detector(arch, backbone, num_classes + 1, fpn_channels, head_norm, image_size)
+    if head_choice.ws:
+        for tower in (model.head.classification_head.conv, model.head.regression_head.conv):
+            convert_convs_to_ws(tower)
+    return model
 
-    body = _resnet_body(arch, backbone_weights)
+
+def _backbone_with_fpn(arch, kinds, fpn_channels, weights, brn) -> BackboneWithFPN:
+    """The ResNet body with the backbone's norms, and an FPN with the neck's."""
+    body = _resnet_body(arch, weights)
     body = convert_norms(body, kinds["backbone"], **norm_kwargs(kinds["backbone"], brn))
     if kinds["backbone"] == "frozenbn":
         # A frozen-statistics backbone is a fine-tuning set-up: keep the stem fixed too,
@@ -106,55 +119,32 @@ def build_model(
         for name, p in body.named_parameters():
             if not name.startswith(("layer2", "layer3", "layer4")):
                 p.requires_grad_(False)
-    expansion = 4 if "resnet50" in arch else 1
-    in_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+    expansion = BACKBONES[backbone_of(arch)].expansion
     neck = kinds["neck"]
-    norm_layer = None if neck == "none" else partial(build_norm, neck, **norm_kwargs(neck, brn))
-    backbone = BackboneWithFPN(
+    return BackboneWithFPN(
         body,
         return_layers={"layer2": "0", "layer3": "1", "layer4": "2"},
-        in_channels_list=in_channels,
+        in_channels_list=[128 * expansion, 256 * expansion, 512 * expansion],
         out_channels=fpn_channels,
         extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
-        norm_layer=norm_layer,
+        norm_layer=None if neck == "none" else partial(build_norm, neck, **norm_kwargs(neck, brn)),
     )
+
+
+def _detector(arch, backbone, num_classes, channels, head_norm, image_size) -> nn.Module:
+    """FCOS or RetinaNet around ``backbone``; ``num_classes`` includes the background."""
     # Small images: anchors/sizes scaled to the input instead of COCO's 800-pixel setting.
     sizes = tuple((max(4, image_size // 12) * 2**i,) for i in range(5))
-    common = dict(min_size=image_size, max_size=image_size)
-    head_choice = plan["head"]
-    # gn: choose_groups(C) instead of torchvision's fixed 32, so any width works.
-    head_norm = partial(build_norm, head_choice.kind, **norm_kwargs(head_choice.kind, brn))
+    common = dict(min_size=image_size, max_size=image_size, score_thresh=0.05)
     if arch.startswith("fcos"):
         anchors = AnchorGenerator(sizes, ((1.0,),) * 5)
-        head = _FCOSHead(fpn_channels, num_classes + 1, head_norm)
-        model = FCOS(
-            backbone,
-            num_classes + 1,
-            anchor_generator=anchors,
-            head=head,
-            score_thresh=0.05,
-            **common,
-        )
-    else:
-        anchors = AnchorGenerator(
-            tuple((s[0], int(s[0] * 1.26), int(s[0] * 1.59)) for s in sizes),
-            ((0.5, 1.0, 2.0),) * 5,
-        )
-        head = RetinaNetHead(
-            fpn_channels,
-            anchors.num_anchors_per_location()[0],
-            num_classes + 1,
-            norm_layer=head_norm,
-        )
-        model = RetinaNet(
-            backbone,
-            num_classes + 1,
-            anchor_generator=anchors,
-            head=head,
-            score_thresh=0.05,
-            **common,
-        )
-    if head_choice.ws:
-        for tower in (head.classification_head.conv, head.regression_head.conv):
-            convert_convs_to_ws(tower)
-    return model
+        head = _FCOSHead(channels, num_classes, head_norm)
+        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    anchors = AnchorGenerator(
+        tuple((s[0], int(s[0] * 1.26), int(s[0] * 1.59)) for s in sizes),
+        ((0.5, 1.0, 2.0),) * 5,
+    )
+    head = RetinaNetHead(
+        channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=head_norm
+    )
+    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)

@@ -8,25 +8,15 @@ command prints is what a run with that world size does.
 from __future__ import annotations
 
 from norms import PARTS, NormChoice, NormPolicy, select_norm
+from trainer.archs import BACKBONES, backbone_of
 from trainer.config import Config
 
 __all__ = ["norm_policy", "model_parts", "plan_norms", "policy_record", "format_table"]
 
-# Widths of the norm layers in each torchvision backbone (checked against GN groups).
-_BACKBONE_WIDTHS = {
-    "resnet18": (64, 128, 256, 512),
-    "resnet34": (64, 128, 256, 512),
-    "resnet50": (64, 128, 256, 512, 1024, 2048),
-}
-
-
-def _backbone(arch: str) -> str:
-    return next(name for name in _BACKBONE_WIDTHS if name in arch)
-
 
 def model_parts(cfg: Config) -> dict[str, tuple[int, ...]]:
     """The parts the configured model has, with their norm layers' channel widths."""
-    parts = {"backbone": _BACKBONE_WIDTHS[_backbone(cfg.model.arch)]}
+    parts = {"backbone": BACKBONES[backbone_of(cfg.model.arch)].widths}
     if cfg.model.task == "detection":
         parts["neck"] = (cfg.model.fpn_channels,)
         parts["head"] = (cfg.model.fpn_channels,)
@@ -45,17 +35,6 @@ def norm_policy(cfg: Config) -> NormPolicy:
         gn_groups=p.gn_groups,
         override={part: getattr(cfg.norm.override, part) for part in PARTS},
     )
-
-
-def resolve_device(cfg: Config, cuda_available: bool) -> tuple[str, str]:
-    """(device, backend) for this config on a machine with or without CUDA."""
-    device = cfg.run.device
-    if device == "auto":
-        device = "cuda" if cuda_available else "cpu"
-    backend = cfg.dist.backend
-    if backend == "auto":
-        backend = "nccl" if device == "cuda" else "gloo"
-    return device, backend
 
 
 def plan_norms(cfg: Config, world_size: int, device: str, backend: str) -> dict[str, NormChoice]:

@@ -1,0 +1,128 @@
+"""Everything a run trains with, built from the config: datasets, the train-loader
+factory, and the ``Training`` bundle (model, DDP/compile wrapper, optimizer, schedule,
+AMP).  The loop takes these and nothing else from the config's set-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from norms import NormChoice
+from trainer.config import Config, ConfigError
+from trainer.data import DataError, build_datasets, train_loader
+from trainer.data.stream import LoaderFactory
+from trainer.distributed import DistEnv
+from trainer.models import build_model
+from trainer.optim import build_optimizer, build_scheduler, scaled_lr
+
+__all__ = ["Training", "build_training", "load_datasets", "loader_factory"]
+
+
+@dataclass
+class Training:
+    model: nn.Module  # the bare model: its state is what a checkpoint holds
+    net: nn.Module  # what runs a step: ``model`` under DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    task: str
+    device: torch.device
+    grad_accum: int  # micro-batches per optimizer step
+    global_batch: int  # samples per optimizer step, all ranks
+    clip_grad_norm: float | None
+
+
+def load_datasets(cfg: Config, env: DistEnv):
+    """(train, val), checked against the model and the batch.  The shapes data is
+    generated once per node, by local rank 0; the other ranks wait, then read it."""
+    make = partial(
+        build_datasets,
+        cfg.data.dataset,
+        cfg.data.root,
+        cfg.model.task,
+        image_size=cfg.data.image_size,
+        num_train=cfg.data.num_train,
+        num_val=cfg.data.num_val,
+        seed=cfg.run.seed,
+    )
+    if env.local_rank == 0:
+        train_ds, val_ds = make(generate=True)
+    env.barrier()
+    if env.local_rank != 0:
+        train_ds, val_ds = make(generate=False)
+    if train_ds.num_classes != cfg.model.num_classes:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} but the training data has "
+            f"{train_ds.num_classes} classes"
+        )
+    if len(train_ds) < cfg.train.per_device_batch * env.world_size:
+        raise DataError(
+            f"train.per_device_batch={cfg.train.per_device_batch} x world_size "
+            f"{env.world_size} is larger than the training set ({len(train_ds)} samples)"
+        )
+    return train_ds, val_ds
+
+
+def loader_factory(cfg: Config, env: DistEnv, train_ds) -> LoaderFactory:
+    """``(*, epoch, skip_batches) -> DataLoader`` over this rank's shard."""
+    return partial(
+        train_loader,
+        train_ds,
+        batch=cfg.train.per_device_batch,
+        world_size=env.world_size,
+        rank=env.rank,
+        seed=cfg.run.seed,
+        workers=cfg.data.num_workers,
+        task=cfg.model.task,
+    )
+
+
+def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Training:
+    model = build_model(
+        cfg.model.arch,
+        cfg.model.num_classes,
+        plan,
+        image_size=cfg.data.image_size,
+        fpn_channels=cfg.model.fpn_channels,
+        backbone_weights=cfg.model.backbone_weights,
+        brn=dict(
+            rmax=cfg.norm.brn.rmax,
+            dmax=cfg.norm.brn.dmax,
+            warmup_steps=cfg.norm.brn.warmup_steps,
+        ),
+    )
+    model.to(env.device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if env.world_size > 1:
+        # broadcast_buffers=False: local BN keeps each rank's statistics (averaged before
+        # eval and saving); synchronized layers agree by construction.
+        net = DDP(
+            model,
+            device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    if cfg.train.compile:
+        net = torch.compile(net)
+    t = cfg.train
+    lr = scaled_lr(t.lr, t.ref_batch, t.per_device_batch, env.world_size, t.grad_accum)
+    opt = build_optimizer(model, t.optimizer, lr, t.momentum, t.weight_decay)
+    return Training(
+        model=model,
+        net=net,
+        optimizer=opt,
+        scheduler=build_scheduler(opt, t.warmup_steps, t.max_steps),
+        scaler=torch.amp.GradScaler(env.device.type, enabled=t.amp == "fp16"),
+        amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp),
+        task=cfg.model.task,
+        device=env.device,
+        grad_accum=t.grad_accum,
+        global_batch=t.per_device_batch * env.world_size * t.grad_accum,
+        clip_grad_norm=t.clip_grad_norm,
+    )
