@@ -31,7 +31,7 @@ test: lint
 
 # Speed: per-layer norms table, then trainer overhead / data pipeline / DDP (~9 min).
 bench: $(STAMP)
-	$(PY) bench/norms.py
+	$(PY) bench/layers.py
 	$(PY) bench/speed.py
 
 # The small-batch study: the default grid (~33 min on 2 cores); `--quick` runs in make test.

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.bench.conftest import run_bench
+from tests.helpers import run_bench
 
 
 def test_quick_mode_reports_all_measurements(tmp_path):

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 
-from tests.bench.conftest import run_bench
-from tests.trainer.conftest import ROOT, subprocess_env
+from tests.helpers import ROOT, run_bench, subprocess_env
 from tests.trainer.wandb_reader import history
 
-sys.path.append(str(ROOT / "bench"))  # after the repo root: bench/norms.py is not `norms`
+sys.path.append(str(ROOT / "bench"))  # after the repo root, so `norms` is the package
 import study  # noqa: E402
 
 

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,16 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.conftest import FAST_DET, PY, ROOT, subprocess_env
+from tests.helpers import FAST_DET, PY, ROOT, metrics_rows, subprocess_env
 from trainer.checkpoint import list_checkpoints
+from trainer.distributed import free_port
 
 pytestmark = pytest.mark.dist
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def script_env(**extra) -> dict:
@@ -40,10 +34,6 @@ def args(out: Path, data_root: Path, name: str, *extra) -> list[str]:
         "data.num_train=32",
         *extra,
     ]
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def wait_for(predicate, timeout: float, proc=None) -> None:
@@ -140,11 +130,11 @@ def test_elastic_restart_after_sigkill_resumes_from_checkpoint(tmp_path, data_ro
     os.kill(workers_of(launcher)[0], signal.SIGKILL)
     log = launcher.communicate(timeout=300)[0]
     assert launcher.returncode == 0, log[-3000:]
-    resumes = [r for r in rows(run_dir) if r.get("event") == "resume"]
+    resumes = [r for r in metrics_rows(run_dir) if r.get("event") == "resume"]
     assert len(resumes) == 1, log[-3000:]
     resumed_at = resumes[0]["step"]
     assert resumed_at >= 3 and resumed_at % 3 == 0
-    trained = [r["step"] for r in rows(run_dir) if "loss" in r]
+    trained = [r["step"] for r in metrics_rows(run_dir) if "loss" in r]
     # Steps up to the checkpoint were trained once; only those after it may repeat.
     assert sorted(set(trained)) == list(range(1, 13))
     assert all(trained.count(s) == 1 for s in range(1, resumed_at + 1))
@@ -159,7 +149,9 @@ def test_sigterm_to_launcher_checkpoints_and_rerun_resumes(tmp_path, data_root, 
     ]
     launcher = spawn(cmd, script_env(NPROC=2))
     wait_for(
-        lambda: (run_dir / "metrics.jsonl").exists() and any("loss" in r for r in rows(run_dir)),
+        lambda: (
+            (run_dir / "metrics.jsonl").exists() and any("loss" in r for r in metrics_rows(run_dir))
+        ),
         240,
         launcher,
     )
@@ -168,7 +160,7 @@ def test_sigterm_to_launcher_checkpoints_and_rerun_resumes(tmp_path, data_root, 
     [ckpt] = list_checkpoints(run_dir / "checkpoints")
     stopped = torch.load(ckpt, weights_only=True)["step"]
     assert 1 <= stopped < 40, log[-3000:]
-    assert any(r.get("event") == "preempted" for r in rows(run_dir))
+    assert any(r.get("event") == "preempted" for r in metrics_rows(run_dir))
     rerun = subprocess.run(
         cmd, cwd=ROOT, env=script_env(NPROC=2), capture_output=True, text=True, timeout=300
     )
@@ -178,7 +170,7 @@ def test_sigterm_to_launcher_checkpoints_and_rerun_resumes(tmp_path, data_root, 
 
 
 def _train_rows(run_dir: Path) -> tuple[list[int], list[dict]]:
-    got = rows(run_dir)
+    got = metrics_rows(run_dir)
     return [r["step"] for r in got if "loss" in r], [r for r in got if "eval" in r]
 
 

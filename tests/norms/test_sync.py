@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from norms import BatchRenorm2d, SyncBatchNorm, SyncBatchRenorm
-from tests.dist_utils import run_gloo
 from tests.norms.reference import batch_renorm_step
+from trainer.distributed import spawn_gloo
 
 C, H, W = 3, 4, 2
 WEIGHT = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
@@ -77,7 +77,7 @@ def _worker(rank, world, out_dir):
 @pytest.fixture(scope="module")
 def gloo_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sync")
-    run_gloo(_worker, 2, str(out))
+    spawn_gloo(_worker, 2, str(out))
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

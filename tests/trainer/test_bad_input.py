@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.conftest import FAST_DET, ROOT
-from tests.trainer.test_train import PY, run, torchrun_cmd, train_cmd
+from tests.helpers import FAST_DET, ROOT, run, torchrun_cmd, train_args, train_cmd
 from trainer.cli import main
 from trainer.data.shapes import ensure_shapes
 
@@ -25,19 +24,11 @@ def coco_copy(tmp_path, data_root):
 
 
 def train_coco(root, tmp_path, *extra):
-    return main(
-        [
-            "train",
-            "--config",
-            DET,
-            f"run.output_dir={tmp_path / 'runs'}",
-            "run.name=bad",
-            *FAST_DET,
-            "data.dataset=coco",
-            f"data.root={root}",
-            *extra,
-        ]
-    )
+    return main(coco_args(root, tmp_path, *extra))
+
+
+def coco_args(root, tmp_path, *extra) -> list[str]:
+    return train_args(DET, tmp_path / "runs", root, "bad", *FAST_DET, "data.dataset=coco", *extra)
 
 
 def test_missing_dataset_path(tmp_path, capsys):
@@ -83,19 +74,7 @@ def test_num_classes_mismatch(coco_copy, tmp_path, capsys):
 def test_corrupt_image_fails_every_rank_without_hanging(coco_copy, tmp_path):
     for i in range(24):  # every training image is corrupt: whichever rank reads one fails
         (coco_copy / "train" / f"{i:06d}.png").write_bytes(b"not a png")
-    cmd = torchrun_cmd(
-        2,
-        "-m",
-        "trainer",
-        "train",
-        "--config",
-        DET,
-        f"run.output_dir={tmp_path / 'runs'}",
-        "run.name=bad",
-        *FAST_DET,
-        "data.dataset=coco",
-        f"data.root={coco_copy}",
-    )
+    cmd = torchrun_cmd(2, "-m", "trainer", *coco_args(coco_copy, tmp_path))
     with pytest.raises(AssertionError) as failed:
         run(cmd, timeout=120)  # a hang would raise TimeoutExpired instead
     assert "cannot read image" in str(failed.value) and str(coco_copy / "train") in str(
@@ -122,21 +101,7 @@ def test_checkpoint_from_another_model_is_refused_and_kept(
     run(train_cmd(DET, out, data_root, "keep", *FAST_DET, "train.max_steps=2"))
     ckpts = out / "keep" / "checkpoints"
     before = _snapshot(ckpts)
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                DET,
-                f"run.output_dir={out}",
-                "run.name=keep",
-                f"data.root={data_root}",
-                *FAST_DET,
-                *change,
-            ]
-        )
-        == 2
-    )
+    assert main(train_args(DET, out, data_root, "keep", *FAST_DET, *change)) == 2
     err = capsys.readouterr().err
     assert message in err and str(ckpts) in err
     assert _snapshot(ckpts) == before
@@ -147,20 +112,6 @@ def test_truncated_newest_checkpoint_is_skipped(tmp_path, data_root):
     run(train_cmd(DET, out, data_root, "trunc", *FAST_DET, "train.max_steps=4"))
     newest = out / "trunc" / "checkpoints" / "step_00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
-    proc = run(
-        [
-            PY,
-            "-m",
-            "trainer",
-            "train",
-            "--config",
-            DET,
-            f"run.output_dir={out}",
-            "run.name=trunc",
-            f"data.root={data_root}",
-            *FAST_DET,
-            "train.max_steps=4",
-        ]
-    )
+    proc = run(train_cmd(DET, out, data_root, "trunc", *FAST_DET, "train.max_steps=4"))
     assert "skipping unreadable checkpoint" in proc.stderr
     assert "resumed from" in proc.stdout and "step_00000002.pt" in proc.stdout

@@ -2,7 +2,6 @@
 
 import json
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -10,56 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.conftest import FAST_CLS, FAST_DET, PY, ROOT, subprocess_env
+from tests.helpers import (
+    FAST_CLS,
+    FAST_DET,
+    PY,
+    ROOT,
+    metrics_rows,
+    run,
+    subprocess_env,
+    torchrun_cmd,
+    train_args,
+    train_cmd,
+)
 from tests.trainer.wandb_reader import history
 from trainer.checkpoint import list_checkpoints
 from trainer.cli import main
 
 DET = str(ROOT / "configs/shapes_det.yaml")
 CLS = str(ROOT / "configs/shapes_cls.yaml")
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_cmd(config, out, data_root, name, *extra):
-    return [
-        PY,
-        "-m",
-        "trainer",
-        "train",
-        "--config",
-        config,
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        f"data.root={data_root}",
-        *extra,
-    ]
-
-
-def torchrun_cmd(nproc, *args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        f"--nproc_per_node={nproc}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        *args,
-    ]
-
-
-def run(cmd, timeout=300):
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
@@ -76,7 +43,7 @@ def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
         "head": "gn",
     }
     assert set(policy["parts"]["head"]) == {"kind", "ws", "impl", "reason"}
-    metrics = rows(run_dir)
+    metrics = metrics_rows(run_dir)
     steps = [r for r in metrics if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all({"lr", "images_per_s", "brn_r_dev"} <= set(r) for r in steps)
@@ -113,24 +80,11 @@ def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
 
 def test_classification_run(tmp_path, data_root, capsys):
     out = tmp_path / "runs"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                CLS,
-                f"run.output_dir={out}",
-                "run.name=cls",
-                f"data.root={data_root}",
-                *FAST_CLS,
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(CLS, out, data_root, "cls", *FAST_CLS)) == 0
     run_dir = out / "cls"
     policy = json.loads((run_dir / "policy.json").read_text())
     assert list(policy["parts"]) == ["backbone"] and policy["parts"]["backbone"]["kind"] == "brn"
-    final = rows(run_dir)[-1]["eval"]
+    final = metrics_rows(run_dir)[-1]["eval"]
     assert 0.0 <= final["top1"] <= 1.0 and final["images"] == 9
     assert "final eval" in capsys.readouterr().out
 
@@ -152,7 +106,7 @@ def _sigterm_after_step(cmd, run_dir: Path, step: int, timeout=120):
     deadline = time.monotonic() + timeout
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and any(r.get("step", 0) >= step for r in rows(run_dir)):
+        if metrics.exists() and any(r.get("step", 0) >= step for r in metrics_rows(run_dir)):
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.02)
@@ -177,10 +131,10 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_root
     stopped_at = torch.load(ckpt, weights_only=True)["step"]
     assert 2 <= stopped_at < 10  # interrupted, not finished
     run(train_cmd(DET, out, data_root, name, *common))
-    events = [r for r in rows(out / name) if "event" in r]
+    events = [r for r in metrics_rows(out / name) if "event" in r]
     assert [e["event"] for e in events] == ["preempted", "resume"]
     assert events[1]["step"] == stopped_at
-    trained = [r["step"] for r in rows(out / name) if "loss" in r]
+    trained = [r["step"] for r in metrics_rows(out / name) if "loss" in r]
     assert trained == list(range(1, 11))  # every step once: nothing before the stop redone
 
     a, b = _weights(out / "straight"), _weights(out / name)
@@ -193,45 +147,19 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_root
 @pytest.mark.parametrize("batch,kind", [(4, "syncbrn"), (8, "syncbn")])
 def test_torchrun_two_processes(tmp_path, data_root, batch, kind):
     out = tmp_path / "runs"
-    run(
-        torchrun_cmd(
-            2,
-            "-m",
-            "trainer",
-            "train",
-            "--config",
-            DET,
-            f"run.output_dir={out}",
-            "run.name=ddp",
-            f"data.root={data_root}",
-            *FAST_DET,
-            f"train.per_device_batch={batch}",
-            "data.num_train=32",
-            "train.max_steps=2",
-        )
-    )
+    extra = [f"train.per_device_batch={batch}", "data.num_train=32", "train.max_steps=2"]
+    run(torchrun_cmd(2, *train_cmd(DET, out, data_root, "ddp", *FAST_DET, *extra)[1:]))
     policy = json.loads((out / "ddp" / "policy.json").read_text())
     assert policy["world_size"] == 2
     assert policy["parts"]["backbone"]["kind"] == kind == policy["parts"]["neck"]["kind"]
     assert policy["parts"]["backbone"]["impl"] == "portable"
-    assert rows(out / "ddp")[-1]["eval"]["images"] == 8  # padded repeats not counted
+    assert metrics_rows(out / "ddp")[-1]["eval"]["images"] == 8  # padded repeats not counted
 
 
 @pytest.mark.dist
 def test_resume_two_processes_then_one(tmp_path, data_root):
     out = tmp_path / "runs"
-    args = [
-        "-m",
-        "trainer",
-        "train",
-        "--config",
-        DET,
-        f"run.output_dir={out}",
-        "run.name=ws",
-        f"data.root={data_root}",
-        *FAST_DET,
-        "train.per_device_batch=4",
-    ]
+    args = train_cmd(DET, out, data_root, "ws", *FAST_DET, "train.per_device_batch=4")[1:]
     run(torchrun_cmd(2, *args, "train.max_steps=2"))
     assert (
         json.loads((out / "ws" / "policy.json").read_text())["parts"]["backbone"]["kind"]
@@ -240,7 +168,7 @@ def test_resume_two_processes_then_one(tmp_path, data_root):
     run([PY, *args, "train.max_steps=4"])
     policy = json.loads((out / "ws" / "policy.json").read_text())
     assert policy["world_size"] == 1 and policy["parts"]["backbone"]["kind"] == "brn"
-    resume = [r for r in rows(out / "ws") if r.get("event") == "resume"]
+    resume = [r for r in metrics_rows(out / "ws") if r.get("event") == "resume"]
     assert resume == [{"step": 2, "event": "resume", "world_size": 1}]
     assert (
         torch.load(list_checkpoints(out / "ws" / "checkpoints")[0], weights_only=True)["step"] == 4

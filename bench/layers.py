@@ -1,6 +1,6 @@
 """Speed and memory of normpilot's norm layers against nn.BatchNorm2d / nn.Conv2d.
 
-    python bench/norms.py [--repeats 60] [--device cpu|cuda|all] [--out bench/results]
+    python bench/layers.py [--repeats 60] [--device cpu|cuda|all] [--out bench/results]
 
 Every layer's forward+backward is timed *interleaved* with its own nn.BatchNorm2d in one
 process (alternating blocks of steps) and reported as the ratio of medians, so drifts in
@@ -8,7 +8,7 @@ machine load hit both alike.  Sync layers are timed
 twice: in a process group of size 1 (the fallback path) and on 2 gloo processes over
 127.0.0.1 (each rank holds the full shape; ratio to local BN in the same processes).
 Memory: bytes an autograd training step keeps alive for backward (saved tensors + output)
-on CPU, ``max_memory_allocated`` on CUDA.  Writes ``norms.json`` and ``norms.md``.
+on CPU, ``max_memory_allocated`` on CUDA.  Writes ``layers.json`` and ``layers.md``.
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ import os
 import statistics
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import free_port, machine  # noqa: E402
+from common import machine  # noqa: E402
 
 from norms import (  # noqa: E402
     BatchRenorm2d,
@@ -37,6 +35,7 @@ from norms import (  # noqa: E402
     WSConv2d,
     group_norm,
 )
+from trainer.distributed import free_port, spawn_gloo  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (4, 256, 28, 28), (2, 32, 112, 112)]
 CONV_SHAPE = (4, 256, 32, 32)
@@ -180,46 +179,35 @@ def bench_device(device: str, repeats: int) -> list[dict]:
     return rows
 
 
-def _two_rank_worker(rank: int, port: int, repeats: int, out: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+def _two_rank_worker(rank: int, world: int, repeats: int, out: str) -> None:
     torch.set_num_threads(1)  # 2 ranks share this machine's cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=120),
-    )
-    try:
-        rows = []
-        for shape in SHAPES:
-            c = shape[1]
-            layers = {
-                "bn": nn.BatchNorm2d(c),
-                "syncbn_2gloo": SyncBatchNorm(c),
-                "syncbrn_2gloo": SyncBatchRenorm(c, warmup_steps=0),
-            }
-            med = interleaved(layers, shape, "cpu", repeats)
-            for name, t in med.items():
-                rows.append(
-                    dict(
-                        device="cpu",
-                        shape=list(shape),
-                        layer=name,
-                        ms=t * 1e3,
-                        ratio=t / med["bn"],
-                        baseline="bn (same 2 processes)",
-                    )
+    rows = []
+    for shape in SHAPES:
+        c = shape[1]
+        layers = {
+            "bn": nn.BatchNorm2d(c),
+            "syncbn_2gloo": SyncBatchNorm(c),
+            "syncbrn_2gloo": SyncBatchRenorm(c, warmup_steps=0),
+        }
+        med = interleaved(layers, shape, "cpu", repeats)
+        for name, t in med.items():
+            rows.append(
+                dict(
+                    device="cpu",
+                    shape=list(shape),
+                    layer=name,
+                    ms=t * 1e3,
+                    ratio=t / med["bn"],
+                    baseline="bn (same 2 processes)",
                 )
-        if rank == 0:
-            Path(out).write_text(json.dumps(rows))
-    finally:
-        dist.destroy_process_group()
+            )
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
 
 
 def bench_two_ranks(repeats: int, tmp: Path) -> list[dict]:
     out = tmp / "two_rank.json"
-    mp.spawn(_two_rank_worker, args=(free_port(), repeats, str(out)), nprocs=2)
+    spawn_gloo(_two_rank_worker, 2, repeats, str(out), timeout=None)
     rows = [r for r in json.loads(out.read_text()) if r["layer"] != "bn"]
     out.unlink()
     return rows
@@ -271,13 +259,13 @@ def main(argv=None) -> int:
         rows += bench_two_ranks(max(10, args.repeats // 2), args.out)
 
     desc = machine()
-    (args.out / "norms.json").write_text(json.dumps({"machine": desc, "rows": rows}, indent=1))
+    (args.out / "layers.json").write_text(json.dumps({"machine": desc, "rows": rows}, indent=1))
     table = markdown(rows, desc)
-    (args.out / "norms.md").write_text(table)
+    (args.out / "layers.md").write_text(table)
     print(table)
     missed = [r for r in rows if (t := TARGETS.get((r["layer"], r["device"]))) and r["ratio"] > t]
     print(
-        f"results in {args.out}/norms.json and norms.md; {len(missed)} target(s) missed"
+        f"results in {args.out}/layers.json and layers.md; {len(missed)} target(s) missed"
         if missed
         else "all targets met"
     )
