@@ -3,7 +3,7 @@ GroupNorm + Weight Standardization, a kind registry, model conversion and the
 per-run norm policy."""
 
 from norms.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, renorm_diagnostics
-from norms.convert import convert_norms, is_batch_norm
+from norms.convert import convert_norms, is_batch_norm, running_stat_layers
 from norms.group_norm import choose_groups, group_norm
 from norms.policy import PARTS, NormChoice, NormPolicy, resolve_device, select_norm
 from norms.registry import (
@@ -13,6 +13,7 @@ from norms.registry import (
     is_batch_norm_kind,
     norm_for_rank,
     register_norm,
+    unregister_norm,
 )
 from norms.sync import SyncBatchNorm, SyncBatchRenorm
 from norms.weight_std import WSConv2d, convert_convs_to_ws, standardize_weight
@@ -41,8 +42,10 @@ __all__ = [
     "register_norm",
     "renorm_diagnostics",
     "resolve_device",
+    "running_stat_layers",
     "select_norm",
     "standardize_weight",
+    "unregister_norm",
 ]
 
 

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from norms.group_norm import choose_groups
 from norms.registry import _NORMS, get_norm, norm_for_rank
 
-__all__ = ["convert_norms", "is_batch_norm"]
+__all__ = ["convert_norms", "is_batch_norm", "running_stat_layers"]
 
 _INHERITED = ("eps", "momentum", "affine", "track_running_stats")
 
@@ -38,6 +38,12 @@ def _frozen_bn_class() -> type | None:
 def is_batch_norm(m: nn.Module) -> bool:
     frozen = _frozen_bn_class()
     return isinstance(m, _BatchNorm) or (frozen is not None and isinstance(m, frozen))
+
+
+def running_stat_layers(module: nn.Module) -> list[nn.Module]:
+    """The layers of ``module`` that learn running statistics: BN, BRN, SyncBN, SyncBRN
+    (and torch's own), not FrozenBatchNorm2d, not ``track_running_stats=False``."""
+    return [m for m in module.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
 
 
 def _input_rank(m: nn.Module) -> int:

@@ -23,6 +23,7 @@ from norms.sync import SyncBatchNorm, SyncBatchRenorm
 
 __all__ = [
     "register_norm",
+    "unregister_norm",
     "build_norm",
     "available_norms",
     "get_norm",
@@ -68,6 +69,11 @@ def register_norm(
         return ctor
 
     return deco
+
+
+def unregister_norm(name: str) -> None:
+    """Remove a kind registered with ``register_norm`` (no-op if absent)."""
+    _NORMS.pop(name, None)
 
 
 def available_norms() -> list[str]:

@@ -16,9 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from norms import SyncBatchNorm, SyncBatchRenorm, resolve_device
+from norms import SyncBatchNorm, SyncBatchRenorm, resolve_device, running_stat_layers
 
 __all__ = [
     "DistEnv",
@@ -114,11 +113,7 @@ def average_local_bn_stats(model: nn.Module, env: DistEnv) -> int:
     if env.world_size == 1:
         return 0
     layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, _BatchNorm)
-        and not isinstance(m, (SyncBatchNorm, SyncBatchRenorm))
-        and m.running_mean is not None
+        m for m in running_stat_layers(model) if not isinstance(m, (SyncBatchNorm, SyncBatchRenorm))
     ]
     for m in layers:
         for buf in (m.running_mean, m.running_var):

@@ -10,6 +10,7 @@ from norms import (
     SyncBatchNorm,
     SyncBatchRenorm,
     convert_norms,
+    running_stat_layers,
 )
 
 BN_KINDS = {
@@ -113,3 +114,15 @@ def test_errors():
         convert_norms(nn.Sequential(nn.BatchNorm2d(3)), "bogus")
     with pytest.raises(ValueError, match="frozenbn exists only in 2d"):
         convert_norms(nn.BatchNorm1d(3), "frozenbn")
+
+
+def test_running_stat_layers_are_the_learning_batch_norms():
+    model = nn.Sequential(
+        nn.BatchNorm2d(2),
+        BatchRenorm2d(2),
+        SyncBatchNorm(2),
+        FrozenBatchNorm2d(2),
+        nn.BatchNorm2d(2, track_running_stats=False),
+        nn.GroupNorm(1, 2),
+    )
+    assert running_stat_layers(model) == [model[0], model[1], model[2]]
