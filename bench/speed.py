@@ -148,7 +148,7 @@ def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
     base = [*data, *QUIET, "data.num_val=16"]
     cfg = _config(preset, base)
     train_ds, _ = load_datasets(cfg, CPU)
-    batch, workers = cfg.train.per_device_batch, cfg.data.num_workers
+    batch, workers = cfg.train.per_device_batch, cfg.data.workers(1)
     # The loader alone, with the preset's workers, over `long` batches.
     loader_ips = []
     for _ in range(repeats):

@@ -51,9 +51,19 @@ __all__ = [
 ]
 
 
-def renorm_limits(rmax: float, dmax: float, warmup_steps: int, t: int) -> tuple[float, float]:
-    """(rmax_t, dmax_t) after ``t`` training forwards, ramping linearly from (1, 0)."""
-    a = 1.0 if warmup_steps <= 0 else min(1.0, t / warmup_steps)
+def renorm_limits(rmax: float, dmax: float, warmup_steps: int, t):
+    """(rmax_t, dmax_t) after ``t`` training forwards, ramping linearly from (1, 0).
+
+    ``t`` may be a tensor (the layer's ``num_batches_tracked``, in the dtype wanted): the
+    limits are then computed on its device and never read by the host, so a training
+    step has no host sync and the ramp keeps advancing inside a captured CUDA graph.
+    """
+    if warmup_steps <= 0:
+        return rmax, dmax
+    if isinstance(t, torch.Tensor):
+        a = (t / warmup_steps).clamp_(max=1.0)
+        return a.mul(rmax - 1.0).add_(1.0), a.mul(dmax)
+    a = min(1.0, t / warmup_steps)
     return 1.0 + a * (rmax - 1.0), a * dmax
 
 
@@ -74,16 +84,23 @@ class _RenormMixin:
         # Diagnostics of the last training forward (not state: kept out of state_dict).
         self.last_r: torch.Tensor | None = None
         self.last_d: torch.Tensor | None = None
-        self.last_limits: tuple[float, float] = (1.0, 0.0)
+        self.last_limits: tuple = (1.0, 0.0)  # floats, or 0-dim tensors on the device
 
     def _renorm_extra_repr(self) -> str:
         return f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}"
 
-    def _momentum_factor(self) -> float:
-        # nn.BatchNorm's rule; called after num_batches_tracked was incremented.
+    def _momentum_factor(self, dtype: torch.dtype):
+        # nn.BatchNorm's rule; called after num_batches_tracked was incremented.  The
+        # cumulative average's 1/t stays a device tensor: no host read.
         if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
+            return self.num_batches_tracked.to(dtype).reciprocal()
         return self.momentum
+
+    def _limits(self, dtype: torch.dtype):
+        """This forward's (rmax_t, dmax_t): Python floats with warmup_steps=0, device
+        tensors of ``dtype`` computed from ``num_batches_tracked`` while there is one."""
+        t = self.num_batches_tracked.to(dtype) if self.warmup_steps > 0 else 0
+        return renorm_limits(self.rmax, self.dmax, self.warmup_steps, t)
 
     def _renorm_train(self, x: torch.Tensor, group=None) -> torch.Tensor:
         """Training forward with running statistics: stats, r/d, update, normalize."""
@@ -98,14 +115,13 @@ class _RenormMixin:
                 f"Expected more than 1 value per channel when training, got input size "
                 f"{list(x.shape)}"
             )
-        rmax_t, dmax_t = renorm_limits(
-            self.rmax, self.dmax, self.warmup_steps, int(self.num_batches_tracked)
-        )
         eps = self.eps
         # Per-channel work is a handful of C-sized ops; on a slow-dispatch CPU each costs
-        # ~5-10 us, so they are kept few and batched with _foreach ops.
+        # ~5-10 us, so they are kept few and batched with _foreach ops.  Nothing here is
+        # read by the host (see renorm_limits).
         with torch.no_grad():
             acc = mean.dtype
+            rmax_t, dmax_t = self._limits(acc)
             run_mean, run_var = self.running_mean, self.running_var
             if run_mean.dtype != acc:
                 run_mean, run_var = run_mean.to(acc), run_var.to(acc)
@@ -114,16 +130,23 @@ class _RenormMixin:
             torch._foreach_rsqrt_([inv_sigma_r, invstd])
             r = torch.div(inv_sigma_r, invstd)  # sigma_B / sigma_R
             d = torch.sub(mean, run_mean).mul_(inv_sigma_r)
-            torch._foreach_clamp_min_([r, d], [1.0 / rmax_t, -dmax_t])
-            torch._foreach_clamp_max_([r, d], [rmax_t, dmax_t])
+            if isinstance(rmax_t, torch.Tensor):
+                r.clamp_(rmax_t.reciprocal(), rmax_t)
+                d.clamp_(-dmax_t, dmax_t)
+            else:
+                torch._foreach_clamp_min_([r, d], [1.0 / rmax_t, -dmax_t])
+                torch._foreach_clamp_max_([r, d], [rmax_t, dmax_t])
             self.num_batches_tracked.add_(1)
             unbiased = var * (total / (total - 1))
             new = (mean, unbiased)
             if self.running_mean.dtype != acc:
                 new = (mean.to(self.running_mean.dtype), unbiased.to(self.running_var.dtype))
-            torch._foreach_lerp_(
-                [self.running_mean, self.running_var], list(new), self._momentum_factor()
-            )
+            factor = self._momentum_factor(self.running_mean.dtype)
+            if isinstance(factor, torch.Tensor):
+                for buf, value in zip((self.running_mean, self.running_var), new, strict=True):
+                    buf.lerp_(value, factor)
+            else:
+                torch._foreach_lerp_([self.running_mean, self.running_var], list(new), factor)
         self.last_r, self.last_d, self.last_limits = r, d, (rmax_t, dmax_t)
         return normalize(
             x,
@@ -149,7 +172,7 @@ class _RenormMixin:
         if self.last_r is None:
             return {}
         r, d = self.last_r, self.last_d
-        rmax_t, dmax_t = self.last_limits
+        rmax_t, dmax_t = (float(v) for v in self.last_limits)  # a host read: log time only
         tol = 1e-6
         r_clip = (r >= rmax_t * (1 - tol)) | (r <= (1 / rmax_t) * (1 + tol))
         d_clip = d.abs() >= dmax_t * (1 - tol)

@@ -14,8 +14,10 @@ from trainer.distributed import free_port
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
-# Tiny, fast settings shared by the training tests.
+# Tiny, fast settings shared by the training tests; on the CPU wherever they run (no
+# test may depend on whether the machine has a GPU).
 FAST_DET = [
+    "run.device=cpu",
     "data.image_size=64",
     "data.num_train=24",
     "data.num_val=8",
@@ -30,6 +32,7 @@ FAST_DET = [
     "norm.brn.warmup_steps=2",
 ]
 FAST_CLS = [
+    "run.device=cpu",
     "data.image_size=32",
     "data.num_train=24",
     "data.num_val=9",
@@ -52,6 +55,7 @@ def subprocess_env() -> dict:
     env.pop("RANK", None)
     env.pop("LOCAL_RANK", None)
     env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # subprocess runs are CPU runs, GPU or not
     return env
 
 

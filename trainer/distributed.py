@@ -37,6 +37,7 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
@@ -69,7 +70,8 @@ def init_distributed(device: str, backend: str, timeout_s: int) -> DistEnv:
             device_id=dev if device == "cuda" else None,
             **({} if store is None else {"store": store, "rank": rank, "world_size": world}),
         )
-    return DistEnv(rank, world, local_rank, dev, backend)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return DistEnv(rank, world, local_rank, dev, backend, local_world)
 
 
 def _attempt_store(timeout: timedelta):

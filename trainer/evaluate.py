@@ -22,7 +22,13 @@ def evaluate(net, val_ds, env, *, task: str, batch: int, workers: int) -> dict[s
     """Evaluate ``net`` (bare, DDP or compiled) on ``val_ds`` across ranks; the model is
     left in the mode it was in."""
     loader = eval_loader(
-        val_ds, batch=batch, world_size=env.world_size, rank=env.rank, workers=workers, task=task
+        val_ds,
+        batch=batch,
+        world_size=env.world_size,
+        rank=env.rank,
+        workers=workers,
+        task=task,
+        pin_memory=env.device.type == "cuda",
     )
     model = unwrap(net)
     was_training = model.training

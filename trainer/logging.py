@@ -104,21 +104,25 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Progress:
-    """tqdm on an interactive terminal, plain periodic lines otherwise (logs, CI)."""
+    """tqdm on an interactive terminal, plain lines otherwise (logs, CI).  ``advance`` is
+    called every step and reads nothing; ``report`` at log points, with the numbers."""
 
-    def __init__(self, enabled: bool, total: int, initial: int, every: int):
+    def __init__(self, enabled: bool, total: int, initial: int):
         self.bar = None
-        self.enabled, self.every, self.total = enabled, every, total
+        self.enabled, self.total = enabled, total
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, ips: float, lr: float) -> None:
+    def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
+
+    def report(self, step: int, loss: float, ips: float, lr: float) -> None:
+        if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
-        elif self.enabled and (step % self.every == 0 or step == self.total):
+        elif self.enabled:
             print(
                 f"step {step}/{self.total}  loss {loss:.4f}  {ips:.1f} img/s  lr {lr:.2e}",
                 flush=True,

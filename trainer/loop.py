@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from norms import renorm_diagnostics
@@ -98,25 +99,24 @@ class _Loop:
     def __init__(self, cfg, env, t: Training, state: TrainState, checkpoints, logger, val_ds):
         self.cfg, self.env, self.t, self.state = cfg, env, t, state
         self.checkpoints, self.logger, self.val_ds = checkpoints, logger, val_ds
+        self.meter = _LossMeter(state.step)
 
     def run(self) -> dict:
         cfg, t, state = self.cfg, self.t, self.state
-        progress = Progress(
-            self.env.is_main, cfg.train.max_steps, state.step, cfg.train.log_interval
-        )
+        progress = Progress(self.env.is_main, cfg.train.max_steps, state.step)
         try:
             with StopFlag() as stop:
                 t.net.train()
                 while state.step < cfg.train.max_steps:
-                    t0 = time.perf_counter()
                     batches = self._next_batches(stop)
                     if batches is None:
                         return self._preempted()
-                    loss = train_step(t, batches)
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss} at step {state.step}")
-                    state.step += 1
-                    self._after_step(loss, time.perf_counter() - t0, progress)
+                    # A profiler marker (free when no profiler runs): tests check that
+                    # no step between log points reads the device from the host.
+                    with record_function(f"normpilot.step {state.step + 1}"):
+                        self.meter.add(train_step(t, batches))
+                        state.step += 1
+                        self._after_step(progress)
             average_local_bn_stats(t.model, self.env)
             final = self._evaluate()
             self.logger.log({"step": state.step, "eval": final})
@@ -145,20 +145,26 @@ class _Loop:
             return None
         return batches
 
-    def _after_step(self, loss: float, seconds: float, progress: Progress) -> None:
+    def _after_step(self, progress: Progress) -> None:
+        """Between log points this reads nothing from the device (no host sync)."""
         cfg, t, step = self.cfg, self.t, self.state.step
         last = step == cfg.train.max_steps
-        ips, lr = t.global_batch / seconds, t.optimizer.param_groups[0]["lr"]
-        progress.update(step, loss, ips, lr)
+        save = self.checkpoints.due(step, cfg.train.max_steps)
+        progress.advance()
         if step % cfg.train.log_interval == 0 or last:
+            loss, steps, seconds = self.meter.read(step)
+            ips, lr = steps * t.global_batch / seconds, t.optimizer.param_groups[0]["lr"]
+            progress.report(step, loss, ips, lr)
             means, per_layer = _brn_metrics(t.model)
             row = {"step": step, "epoch": self.state.data.epoch, "loss": loss, "lr": lr}
             row.update(images_per_s=ips, peak_mem_mb=peak_memory_mb(self.env.device), **means)
             self.logger.log(row, extra_wandb=per_layer)
+        elif save:
+            self.meter.check(step)  # never save weights a non-finite loss has touched
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and not last:
             average_local_bn_stats(t.model, self.env)
             self.logger.log({"step": step, "eval": self._evaluate()})
-        if self.checkpoints.due(step, cfg.train.max_steps):
+        if save:
             self.checkpoints.save(self.state)
 
     def _evaluate(self) -> dict:
@@ -169,7 +175,7 @@ class _Loop:
             self.env,
             task=self.t.task,
             batch=max(8, cfg.train.per_device_batch),
-            workers=cfg.data.num_workers,
+            workers=cfg.data.workers(self.env.local_world_size),
         )
 
     def _preempted(self) -> dict:
@@ -184,9 +190,10 @@ class _Loop:
         return {"stopped_at": self.state.step}
 
 
-def train_step(t: Training, batches: list) -> float:
-    """One optimizer step over ``batches`` (grad_accum micro-batches); the mean loss."""
-    loss_sum = 0.0
+def train_step(t: Training, batches: list) -> torch.Tensor:
+    """One optimizer step over ``batches`` (grad_accum micro-batches).  Returns the mean
+    loss as a 0-dim device tensor: reading it is the caller's (host-syncing) choice."""
+    loss_sum = None
     for i, batch in enumerate(batches):
         sync = contextlib.nullcontext()
         if isinstance(t.net, DDP) and i < len(batches) - 1:
@@ -197,7 +204,8 @@ def train_step(t: Training, batches: list) -> float:
         with sync, autocast:
             loss = _loss(t, batch)
             t.scaler.scale(loss / t.grad_accum).backward()
-        loss_sum += loss.item() / t.grad_accum
+        part = loss.detach().float() / t.grad_accum
+        loss_sum = part if loss_sum is None else loss_sum + part
     if t.clip_grad_norm is not None:
         t.scaler.unscale_(t.optimizer)
         nn.utils.clip_grad_norm_(t.model.parameters(), t.clip_grad_norm)
@@ -208,18 +216,58 @@ def train_step(t: Training, batches: list) -> float:
     return loss_sum
 
 
+class _LossMeter:
+    """Step losses summed on the device; read on the host only at log points."""
+
+    def __init__(self, step: int):
+        self._start(step)
+
+    def _start(self, step: int) -> None:
+        self.sum, self.first, self.t0 = None, step + 1, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum = loss if self.sum is None else self.sum + loss
+
+    def check(self, step: int) -> None:
+        if self.sum is not None and not torch.isfinite(self.sum):
+            self._raise(step)
+
+    def read(self, step: int) -> tuple[float, int, float]:
+        """(mean loss, steps, seconds) since the last read; a host sync."""
+        steps = step - self.first + 1
+        loss = self.sum.item() / steps
+        seconds = time.perf_counter() - self.t0
+        if not math.isfinite(loss):
+            self._raise(step)
+        self._start(step)
+        return loss, steps, seconds
+
+    def _raise(self, step: int):
+        raise FloatingPointError(
+            f"the loss is not finite in steps {self.first}-{step} "
+            f"(loss sum {self.sum.item()}); lower train.lr or set train.clip_grad_norm"
+        )
+
+
+def _to(v, device: torch.device):
+    return v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+
+
 def _loss(t: Training, batch) -> torch.Tensor:
     if t.task == "detection":
         images, targets = batch
         images = [im.to(t.device, non_blocking=True) for im in images]
         targets = [
-            {k: (v.to(t.device) if torch.is_tensor(v) else v) for k, v in tgt.items()}
+            {
+                k: (v.to(t.device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in tgt.items()
+            }
             for tgt in targets
         ]
         return sum(t.net(images, targets).values())
     images, labels, _ = batch
     logits = t.net(images.to(t.device, non_blocking=True))
-    return nn.functional.cross_entropy(logits, labels.to(t.device))
+    return nn.functional.cross_entropy(logits, labels.to(t.device, non_blocking=True))
 
 
 _BRN_KEYS = ("r_clipped", "d_clipped", "r_dev", "d_abs")

@@ -77,8 +77,9 @@ def loader_factory(cfg: Config, env: DistEnv, train_ds) -> LoaderFactory:
         world_size=env.world_size,
         rank=env.rank,
         seed=cfg.run.seed,
-        workers=cfg.data.num_workers,
+        workers=cfg.data.workers(env.local_world_size),
         task=cfg.model.task,
+        pin_memory=env.device.type == "cuda",
     )
 
 
@@ -96,6 +97,9 @@ def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Tr
             warmup_steps=cfg.norm.brn.warmup_steps,
         ),
     )
+    if env.device.type == "cuda":
+        # cuDNN picks the fastest kernels per shape, unless the run must be reproducible.
+        torch.backends.cudnn.benchmark = not cfg.run.deterministic
     model.to(env.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)

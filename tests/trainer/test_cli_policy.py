@@ -32,6 +32,8 @@ def test_issue_example_8_ranks_batch_2_as_subprocess():
             DET,
             "--world-size",
             "8",
+            "--device",  # the plan's impl depends on the device: the test must not
+            "cpu",
             "train.per_device_batch=2",
         ],
         check=True,

@@ -98,3 +98,15 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
     bad.write_text("run:\n  name: x\ntrain:\n  batchsize: 4\n")
     with pytest.raises(ConfigError, match=r"unknown config key train.batchsize in .*bad.yaml"):
         load_config(bad)
+
+
+def test_num_workers_auto_shares_the_cpus(monkeypatch):
+    cfg = load_config(ROOT / "configs/shapes_det.yaml")
+    assert cfg.data.num_workers == "auto"
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert cfg.data.workers(1) == 8 and cfg.data.workers(4) == 4 and cfg.data.workers(32) == 1
+    cfg = load_config(ROOT / "configs/shapes_det.yaml", ["data.num_workers=3"])
+    assert cfg.data.workers(8) == 3
+    for bad in ("-1", "many", "1.5"):
+        with pytest.raises(ConfigError, match="data.num_workers must be 'auto' or an integer"):
+            load_config(ROOT / "configs/shapes_det.yaml", [f"data.num_workers={bad}"])

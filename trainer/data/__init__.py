@@ -69,7 +69,11 @@ def train_loader(
     skip_batches: int,
     workers: int,
     task: str,
+    pin_memory: bool = False,
 ) -> DataLoader:
+    """One epoch of this rank's shard from ``skip_batches`` in.  A new loader per epoch
+    (not persistent workers): the epoch's augmentation seed (``ds.set_epoch``) and the
+    resume position must reach the worker processes, which keep their own dataset copy."""
     if len(ds) < batch * world_size:
         raise DataError(
             f"train.per_device_batch={batch} x world_size {world_size} = {batch * world_size} "
@@ -84,18 +88,23 @@ def train_loader(
         sampler=_ResumeSampler(base, skip_batches * batch),
         num_workers=workers,
         drop_last=True,
+        pin_memory=pin_memory,  # page-locked batches: non_blocking host-to-GPU copies
+        prefetch_factor=4 if workers else None,
         persistent_workers=False,
         collate_fn=collate_detection if task == "detection" else None,
         generator=torch.Generator().manual_seed(seed + epoch),
     )
 
 
-def eval_loader(ds, *, batch: int, world_size: int, rank: int, workers: int, task: str):
+def eval_loader(
+    ds, *, batch: int, world_size: int, rank: int, workers: int, task: str, pin_memory=False
+):
     sampler = DistributedSampler(ds, world_size, rank, shuffle=False, drop_last=False)
     return DataLoader(
         ds,
         batch_size=batch,
         sampler=sampler,
         num_workers=workers,
+        pin_memory=pin_memory,
         collate_fn=collate_detection if task == "detection" else None,
     )
