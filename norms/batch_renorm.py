@@ -29,8 +29,19 @@ BRN and SyncBN.  Eval normalizes with the running statistics and touches no buff
 With ``rmax=1, dmax=0`` the layer is BatchNorm.
 
 Implementation: r and d are folded into the affine (``weight * r``, ``bias + weight * d``)
-of the fused batch-norm kernels (see ``norms.functional``), so a training step costs one
-statistics pass more than nothing at all rather than a chain of elementwise ops.
+of batch-norm kernels, so a training step is never a chain of elementwise ops.  Two
+routes, chosen by ``impl``:
+
+* ``fused`` (``impl="auto"`` on the CPU): an autograd Function over the fused kernels
+  fed the statistics already computed for r and d (``norms.functional.normalize``); one
+  statistics pass, the cheapest route where each op costs host time;
+* ``native`` (``impl="auto"`` on CUDA, single process): ``F.batch_norm`` in training mode
+  with the folded affine (``renorm_native``); autograd stays in C++, which is what
+  matters on a GPU at small batch, where the step is bound by op dispatch.
+
+No route reads a tensor on the host during a training step: the clip-limit ramp is
+computed on the device from ``num_batches_tracked``.  Synchronized layers with a process
+group always take the fused route (its backward all-reduces the group-wide sums).
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ __all__ = [
     "BatchRenorm3d",
     "renorm_limits",
     "renorm_diagnostics",
+    "renorm_native",
 ]
 
 
@@ -73,7 +85,10 @@ class _RenormMixin:
     Shared by the single-process layers below and ``norms.sync.SyncBatchRenorm``.
     """
 
-    def _init_renorm(self, rmax: float, dmax: float, warmup_steps: int) -> None:
+    def _init_renorm(self, rmax: float, dmax: float, warmup_steps: int, impl: str) -> None:
+        if impl not in ("auto", "fused", "native"):
+            raise ValueError(f"impl must be 'auto', 'fused' or 'native', got impl={impl!r}")
+        self.impl = impl
         if rmax < 1.0:
             raise ValueError(f"rmax must be >= 1, got rmax={rmax}")
         if dmax < 0.0:
@@ -148,6 +163,8 @@ class _RenormMixin:
             else:
                 torch._foreach_lerp_([self.running_mean, self.running_var], list(new), factor)
         self.last_r, self.last_d, self.last_limits = r, d, (rmax_t, dmax_t)
+        if group is None and (self.impl == "native" or (self.impl == "auto" and x.is_cuda)):
+            return renorm_native(x, self.weight, self.bias, r, d, eps)
         return normalize(
             x,
             self.weight,
@@ -186,6 +203,21 @@ class _RenormMixin:
         }
 
 
+def renorm_native(x, weight, bias, r, d, eps: float) -> torch.Tensor:
+    """Batch Renorm's training output from native ops only: ``F.batch_norm`` in training
+    mode (batch statistics) with r and d folded into its affine, ``w * r`` and
+    ``b + w * d``.  r and d carry no gradient, so autograd gives exactly BRN's gradients
+    (dx through the batch statistics scaled by r; dw = r * sum(dy x_hat) + d * sum(dy);
+    db = sum(dy)) and stays in C++: no Python autograd.Function, which is what costs most
+    on a GPU at small batch, and the step stays capturable in a CUDA graph.  The price is
+    a second statistics pass inside the kernel, cheap on a GPU."""
+    w = weight.to(r.dtype) if weight is not None else torch.ones_like(r)
+    b = bias.to(d.dtype) if bias is not None else torch.zeros_like(d)
+    param = weight.dtype if weight is not None else x.dtype
+    w_eff, b_eff = (w * r).to(param), torch.addcmul(b, w, d).to(param)
+    return F.batch_norm(x, None, None, w_eff, b_eff, True, 0.0, eps)
+
+
 def renorm_diagnostics(model: nn.Module) -> dict[str, dict[str, float]]:
     """Clip diagnostics (``renorm_stats``) of every Batch Renorm layer in ``model`` that
     has run a training forward, by module name, in module order.  Sync layers included;
@@ -208,13 +240,14 @@ class _BatchRenorm(_RenormMixin, _BatchNorm):
         rmax: float = 3.0,
         dmax: float = 5.0,
         warmup_steps: int = 5000,
+        impl: str = "auto",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
-        self._init_renorm(rmax, dmax, warmup_steps)
+        self._init_renorm(rmax, dmax, warmup_steps, impl)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._renorm_extra_repr()}"

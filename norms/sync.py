@@ -152,6 +152,7 @@ class SyncBatchRenorm(_SyncMixin, _BatchRenorm):
         dmax: float = 5.0,
         warmup_steps: int = 5000,
         process_group=None,
+        impl: str = "auto",
         device=None,
         dtype=None,
     ) -> None:
@@ -164,6 +165,7 @@ class SyncBatchRenorm(_SyncMixin, _BatchRenorm):
             rmax,
             dmax,
             warmup_steps,
+            impl,
             device=device,
             dtype=dtype,
         )

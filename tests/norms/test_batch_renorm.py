@@ -25,8 +25,8 @@ def drifting_batches(steps, shape, seed=0):
         )
 
 
-def make_pair(cls, c, **kw):
-    layer = cls(c, **kw).double()
+def make_pair(cls, c, impl="auto", **kw):
+    layer = cls(c, impl=impl, **kw).double()
     with torch.no_grad():
         layer.weight.copy_(torch.linspace(0.5, 1.5, c))
         layer.bias.copy_(torch.linspace(-0.2, 0.3, c))
@@ -50,10 +50,11 @@ def make_pair(cls, c, **kw):
     ],
 )
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_matches_reference_through_warmup_and_clipping(cls, shape, momentum):
+@pytest.mark.parametrize("impl", ["fused", "native"])
+def test_matches_reference_through_warmup_and_clipping(cls, shape, momentum, impl):
     c = shape[1]
     hp = dict(eps=EPS, momentum=momentum, rmax=2.0, dmax=1.5, warmup_steps=3)
-    layer, w, b, state = make_pair(cls, c, **hp)
+    layer, w, b, state = make_pair(cls, c, impl=impl, **hp)
     r_clipped = d_clipped = r_free = 0
     for x, dy in drifting_batches(8, shape):
         xa = x.clone().requires_grad_()
@@ -221,3 +222,8 @@ def test_renorm_diagnostics_reads_every_trained_renorm_layer_by_name():
     assert list(diag) == ["1", "3"]  # Batch Renorm layers only, in module order
     assert diag["1"] == model[1].renorm_stats() and diag["1"]["rmax_t"] == 3.0
     assert diag["3"]["rmax_t"] == 1.0  # its warm-up has not started: still BatchNorm
+
+
+def test_impl_is_checked():
+    with pytest.raises(ValueError, match="impl must be 'auto', 'fused' or 'native'"):
+        BatchRenorm2d(3, impl="triton")

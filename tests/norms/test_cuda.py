@@ -46,3 +46,18 @@ def test_syncbn_single_gpu_is_batchnorm():
 def test_wsconv_cuda():
     conv = WSConv2d(4, 8, 3).cuda()
     assert torch.isfinite(conv(torch.randn(1, 4, 8, 8, device="cuda"))).all()
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused"])
+def test_batch_renorm_training_step_never_syncs(impl):
+    """``auto`` on CUDA is the native-ops route; neither reads the device from the host."""
+    layer = BatchRenorm2d(8, warmup_steps=100, momentum=None, impl=impl).cuda()
+    x = torch.randn(4, 8, 6, 6, device="cuda", requires_grad=True)
+    layer(x).square().mean().backward()  # warm-up: cuDNN/handle initialisation may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            layer(x).square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(layer.num_batches_tracked) == 4

@@ -27,6 +27,7 @@ def test_the_profiler_sees_a_host_read():
 LAYERS = {
     "brn_ramping": lambda: BatchRenorm2d(8, warmup_steps=100),
     "brn_no_ramp": lambda: BatchRenorm2d(8, warmup_steps=0),
+    "brn_native": lambda: BatchRenorm2d(8, warmup_steps=100, impl="native"),
     "brn_cumulative": lambda: BatchRenorm2d(8, momentum=None, warmup_steps=10),
     "syncbrn_one_process": lambda: SyncBatchRenorm(8, warmup_steps=100),
     "syncbn_one_process": lambda: SyncBatchNorm(8),
