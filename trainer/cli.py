@@ -51,6 +51,16 @@ def _train(args: argparse.Namespace) -> int:
     env = init_distributed(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s)
     try:
         train(cfg, env)
+    except Exception as e:
+        if type(e).__name__ != "FailOnRecompileLimitHit":
+            raise
+        from trainer.training import RECOMPILE_LIMIT
+
+        raise ConfigError(
+            f"train.compile=true: torch.compile recompiled more than {RECOMPILE_LIMIT} times "
+            f"(input shapes or Python state keep changing; {str(e).splitlines()[0]}). "
+            f"Train with train.compile=false"
+        ) from None
     finally:
         teardown()
     return 0

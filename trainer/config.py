@@ -117,7 +117,8 @@ class TrainConfig:
     clip_grad_norm: float | None = 10.0
     amp: str = "none"  # none | bf16 | fp16
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # classifiers whole; detectors: backbone + FPN only
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no codegen)
     log_interval: int = 10
     eval_interval: int = 0  # 0: evaluate at the end only
 

@@ -83,6 +83,23 @@ def loader_factory(cfg: Config, env: DistEnv, train_ds) -> LoaderFactory:
     )
 
 
+RECOMPILE_LIMIT = 8
+
+
+def compile_static_part(model: nn.Module, task: str, backend: str) -> None:
+    """``torch.compile`` in place (state_dict keys unchanged) where shapes are static:
+    the whole classifier, a detector's backbone + FPN only.  torchvision's detection
+    transform, anchor matching and post-processing call ``.item()`` and grow lists, so
+    dynamo would break the graph and recompile there on every batch, which looks like a
+    hang.  Recompiles are capped at RECOMPILE_LIMIT, and reaching the cap is an error
+    (``CompileError`` from the CLI) instead of a silent crawl."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    (model.backbone if task == "detection" else model).compile(backend=backend)
+
+
 def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Training:
     model = build_model(
         cfg.model.arch,
@@ -103,6 +120,8 @@ def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Tr
     model.to(env.device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        compile_static_part(model, cfg.model.task, cfg.train.compile_backend)
     net: nn.Module = model
     if env.world_size > 1:
         # broadcast_buffers=False: local BN keeps each rank's statistics (averaged before
@@ -112,8 +131,6 @@ def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Tr
             device_ids=[env.local_rank] if env.device.type == "cuda" else None,
             broadcast_buffers=False,
         )
-    if cfg.train.compile:
-        net = torch.compile(net)
     t = cfg.train
     lr = scaled_lr(t.lr, t.ref_batch, t.per_device_batch, env.world_size, t.grad_accum)
     opt = build_optimizer(model, t.optimizer, lr, t.momentum, t.weight_decay)
