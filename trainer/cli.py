@@ -22,7 +22,7 @@ def _policy(args: argparse.Namespace) -> int:
     import torch
 
     from norms import resolve_device
-    from trainer.norm_plan import format_table, plan_norms
+    from trainer.norm_plan import format_table, graph_plan, plan_norms
 
     cfg = load_config(args.config, args.overrides)
     if args.device:
@@ -31,6 +31,7 @@ def _policy(args: argparse.Namespace) -> int:
         cfg.run.device, cfg.dist.backend, cuda_available=torch.cuda.is_available()
     )
     plan = plan_norms(cfg, args.world_size, device, backend)
+    graphs = graph_plan(cfg, args.world_size, device)
     accum = cfg.train.grad_accum
     print(
         f"norm policy for {args.config} ({cfg.model.arch}): world_size {args.world_size}, "
@@ -38,7 +39,7 @@ def _policy(args: argparse.Namespace) -> int:
         + (f", grad_accum {accum} (does not enlarge a norm's batch)" if accum > 1 else "")
         + f", {device}/{backend}\n"
     )
-    print(format_table(plan))
+    print(format_table(plan, graphs))
     return 0
 
 
@@ -48,6 +49,7 @@ def _train(args: argparse.Namespace) -> int:
 
     # Everything that can be checked without workers is checked before any group forms.
     cfg = load_config(args.config, args.overrides)
+    _check_before_workers(cfg)
     env = init_distributed(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s)
     try:
         train(cfg, env)
@@ -64,6 +66,18 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         teardown()
     return 0
+
+
+def _check_before_workers(cfg) -> None:
+    import torch
+
+    from norms import resolve_device
+    from trainer.norm_plan import graph_plan
+
+    device, _ = resolve_device(
+        cfg.run.device, cfg.dist.backend, cuda_available=torch.cuda.is_available()
+    )
+    graph_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), device)  # raises if impossible
 
 
 def _positive_int(text: str) -> int:

@@ -119,6 +119,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False  # classifiers whole; detectors: backbone + FPN only
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no codegen)
+    cuda_graphs: str = "auto"  # auto | true | false: capture forward+backward (CUDA only)
     log_interval: int = 10
     eval_interval: int = 0  # 0: evaluate at the end only
 
@@ -134,6 +135,9 @@ class TrainConfig:
         _at_least("train.warmup_steps", self.warmup_steps, 0)
         _at_least("train.clip_grad_norm", self.clip_grad_norm, 0, allow_none=True)
         _one_of("train.amp", self.amp, ("none", "bf16", "fp16"))
+        # YAML and key=value turn true/false into booleans; the field keeps the words.
+        self.cuda_graphs = str(self.cuda_graphs).lower()
+        _one_of("train.cuda_graphs", self.cuda_graphs, ("auto", "true", "false"))
         _at_least("train.log_interval", self.log_interval, 1)
         _at_least("train.eval_interval", self.eval_interval, 0)
 

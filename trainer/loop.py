@@ -37,8 +37,14 @@ from trainer.data.stream import BatchStream, LoaderFactory
 from trainer.distributed import DistEnv, any_flag, average_local_bn_stats
 from trainer.evaluate import evaluate
 from trainer.logging import Progress, RunLogger, peak_memory_mb, print_summary
-from trainer.norm_plan import format_table, plan_norms, policy_record
-from trainer.training import Training, build_training, load_datasets, loader_factory
+from trainer.norm_plan import format_table, graph_plan, plan_norms, policy_record
+from trainer.training import (
+    Training,
+    build_training,
+    capture_static_part,
+    load_datasets,
+    loader_factory,
+)
 
 __all__ = ["train", "train_step", "CheckpointError"]
 
@@ -54,9 +60,10 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
     train_ds, val_ds = load_datasets(cfg, env)
     # The policy is re-derived on every start: a restart may have another world size.
     plan = plan_norms(cfg, env.world_size, env.device.type, env.backend)
-    record = policy_record(cfg, env.world_size, plan)
+    graphs = graph_plan(cfg, env.world_size, env.device.type)
+    record = policy_record(cfg, env.world_size, plan, graphs)
     if env.is_main:
-        print(format_table(plan), flush=True)
+        print(format_table(plan, graphs), flush=True)
     checkpoints = Checkpointer(
         run_dir / "checkpoints",
         env,
@@ -67,6 +74,8 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
     found = checkpoints.latest(cfg.model.arch, plan)
 
     t = build_training(cfg, env, plan)
+    if graphs.enabled:
+        capture_static_part(t, train_ds)
     stream = BatchStream(loader or loader_factory(cfg, env, train_ds))
     state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, stream)
     if found is not None:
@@ -199,7 +208,10 @@ def train_step(t: Training, batches: list) -> torch.Tensor:
         if isinstance(t.net, DDP) and i < len(batches) - 1:
             sync = t.net.no_sync()  # all-reduce gradients once, on the last one
         autocast = torch.autocast(
-            t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None
+            t.device.type,
+            dtype=t.amp_dtype or torch.float32,
+            enabled=t.amp_dtype is not None,
+            cache_enabled=not t.graphed,  # a captured graph must not hold the cast cache
         )
         with sync, autocast:
             loss = _loss(t, batch)

@@ -10,8 +10,16 @@ from __future__ import annotations
 from norms import PARTS, NormChoice, NormPolicy, select_norm
 from trainer.archs import BACKBONES, backbone_of
 from trainer.config import Config
+from trainer.graphs import GraphPlan, plan_graphs
 
-__all__ = ["norm_policy", "model_parts", "plan_norms", "policy_record", "format_table"]
+__all__ = [
+    "norm_policy",
+    "model_parts",
+    "plan_norms",
+    "graph_plan",
+    "policy_record",
+    "format_table",
+]
 
 
 def model_parts(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -53,16 +61,32 @@ def plan_norms(cfg: Config, world_size: int, device: str, backend: str) -> dict[
     }
 
 
-def policy_record(cfg: Config, world_size: int, plan: dict[str, NormChoice]) -> dict:
+def graph_plan(cfg: Config, world_size: int, device: str) -> GraphPlan:
+    """Whether this run captures CUDA graphs (``train.cuda_graphs``), and why."""
+    t = cfg.train
+    return plan_graphs(
+        t.cuda_graphs,
+        device=device,
+        world_size=world_size,
+        compile=t.compile,
+        amp=t.amp,
+        grad_accum=t.grad_accum,
+    )
+
+
+def policy_record(
+    cfg: Config, world_size: int, plan: dict[str, NormChoice], graphs: GraphPlan
+) -> dict:
     """What policy.json holds."""
     return {
         "world_size": world_size,
         "per_device_batch": cfg.train.per_device_batch,
         "parts": {part: choice.as_dict() for part, choice in plan.items()},
+        "cuda_graphs": graphs.as_dict(),
     }
 
 
-def format_table(plan: dict[str, NormChoice]) -> str:
+def format_table(plan: dict[str, NormChoice], graphs: GraphPlan | None = None) -> str:
     rows = [("part", "kind", "ws", "impl", "reason")]
     rows += [(c.part, c.kind, "yes" if c.ws else "no", c.impl, c.reason) for c in plan.values()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -73,4 +97,6 @@ def format_table(plan: dict[str, NormChoice]) -> str:
         )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    if graphs is not None:
+        lines.append(f"\ncuda graphs: {'on' if graphs.enabled else 'off'} ({graphs.reason})")
     return "\n".join(lines)

@@ -33,8 +33,10 @@ class Training:
     task: str
     device: torch.device
     grad_accum: int  # micro-batches per optimizer step
+    per_device_batch: int  # samples in one forward pass of one process
     global_batch: int  # samples per optimizer step, all ranks
     clip_grad_norm: float | None
+    graphed: bool = False  # the static part replays from a CUDA graph (trainer.graphs)
 
 
 def load_datasets(cfg: Config, env: DistEnv):
@@ -144,6 +146,26 @@ def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Tr
         task=cfg.model.task,
         device=env.device,
         grad_accum=t.grad_accum,
+        per_device_batch=t.per_device_batch,
         global_batch=t.per_device_batch * env.world_size * t.grad_accum,
         clip_grad_norm=t.clip_grad_norm,
     )
+
+
+def capture_static_part(t: Training, train_ds) -> None:
+    """Capture CUDA graphs for ``t.model``'s static part, on a batch shaped like the
+    run's: the image batch (classification) or the transform's padded batch (detection),
+    built from the first training sample."""
+    from trainer.graphs import capture
+
+    batch = t.per_device_batch
+    image = train_ds[0][0].to(t.device)
+    if t.task == "detection":
+        was = t.model.transform.training
+        t.model.transform.train()
+        sample = t.model.transform([image] * batch)[0].tensors
+        t.model.transform.train(was)
+    else:
+        sample = image.expand(batch, *image.shape).contiguous()
+    capture(t.model, t.task, sample.detach().clone(), t.amp_dtype)
+    t.graphed = True

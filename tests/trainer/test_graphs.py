@@ -1,0 +1,139 @@
+"""train.cuda_graphs: the decision (CPU), the detector plumbing around the captured
+part (CPU, with the capture itself stubbed out), and graphed vs eager training (CUDA)."""
+
+import json
+
+import pytest
+import torch
+
+from norms import NormChoice
+from tests.helpers import FAST_CLS, FAST_DET, ROOT, train_args
+from trainer.cli import main
+from trainer.config import ConfigError
+from trainer.graphs import capture, plan_graphs
+from trainer.models import build_model
+
+DET = ROOT / "configs/shapes_det.yaml"
+CLS = ROOT / "configs/shapes_cls.yaml"
+
+
+def plan(setting="auto", device="cuda", world_size=1, compile=False, amp="none", accum=1):
+    return plan_graphs(
+        setting, device=device, world_size=world_size, compile=compile, amp=amp, grad_accum=accum
+    )
+
+
+def test_auto_captures_a_single_cuda_process_only():
+    assert plan().enabled and "captured" in plan().reason
+    assert plan("true").enabled
+    assert not plan("false").enabled
+    off = {
+        "on cpu": plan(device="cpu"),
+        "world_size 2": plan(world_size=2),
+        "train.compile=true": plan(compile=True),
+        "train.amp=fp16": plan(amp="fp16"),
+        "train.grad_accum=4": plan(accum=4),
+    }
+    for why, p in off.items():
+        assert not p.enabled and why in p.reason, (why, p.reason)
+    assert plan(amp="bf16").enabled
+    with pytest.raises(ConfigError, match="train.cuda_graphs=true needs a CUDA device"):
+        plan("true", device="cpu")
+
+
+def test_cli_refuses_graphs_on_the_cpu_before_training(tmp_path, data_root, capsys):
+    args = train_args(DET, tmp_path, data_root, "g", *FAST_DET, "train.cuda_graphs=true")
+    assert main(args) == 2
+    assert "train.cuda_graphs=true needs a CUDA device, this run is on cpu" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "g").exists()  # nothing was started
+
+
+def test_policy_command_and_policy_json_say_what_was_chosen(tmp_path, data_root, capsys):
+    assert main(["policy", "--config", str(DET), "--device", "cuda"]) == 0
+    assert "cuda graphs: on (auto: forward+backward of the static part captured)" in (
+        capsys.readouterr().out
+    )
+    assert main(train_args(CLS, tmp_path, data_root, "p", *FAST_CLS)) == 0
+    record = json.loads((tmp_path / "p" / "policy.json").read_text())
+    reason = "auto: off on cpu (CUDA graphs need a GPU)"
+    assert record["cuda_graphs"] == {"enabled": False, "reason": reason}
+
+
+def _detector():
+    choice = {
+        "backbone": NormChoice("backbone", "brn", False, "plain", ""),
+        "neck": NormChoice("neck", "brn", False, "plain", ""),
+        "head": NormChoice("head", "gn", True, "plain", ""),
+    }
+    torch.manual_seed(0)
+    return build_model(
+        "fcos_resnet18_fpn", 3, choice, image_size=64, fpn_channels=32, brn={"warmup_steps": 3}
+    )
+
+
+def _targets(n):
+    box = torch.tensor([[8.0, 8.0, 40.0, 40.0]])
+    return [{"boxes": box, "labels": torch.tensor([1])} for _ in range(n)]
+
+
+def test_detector_plumbing_around_the_captured_part(monkeypatch):
+    """With the capture stubbed (CPU), the rewired backbone/head give the eager model's
+    losses and detections, keep the state_dict keys, and run other shapes eagerly."""
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda module, args: module)
+    eager, graphed = _detector(), _detector()
+    keys = list(graphed.state_dict())
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    sample = graphed.transform(images)[0].tensors
+    capture(graphed, "detection", sample)
+    assert list(graphed.state_dict()) == keys
+    for _ in range(2):  # BRN running statistics and ramp move alike in both
+        a, b = eager(images, _targets(2)), graphed(images, _targets(2))
+        torch.testing.assert_close(sum(b.values()), sum(a.values()))
+    eager.eval(), graphed.eval()
+    with torch.no_grad():
+        da, db = eager(images), graphed(images)
+    torch.testing.assert_close(db[0]["scores"], da[0]["scores"])
+    graphed.train()
+    wide = [torch.rand(3, 64, 32) for _ in range(2)]  # padded to 64 x 32: another shape
+    with pytest.warns(UserWarning, match="this batch runs eagerly"):
+        b = graphed(wide, _targets(2))
+    torch.testing.assert_close(sum(b.values()), sum(eager.train()(wide, _targets(2)).values()))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset,fast", [(CLS, FAST_CLS), (DET, FAST_DET)])
+def test_graphed_training_matches_eager_on_cuda(tmp_path, data_root, preset, fast):
+    losses = {}
+    for flag in ("false", "true"):
+        extra = [*fast, "run.device=cuda", f"train.cuda_graphs={flag}", "train.max_steps=6"]
+        assert main(train_args(preset, tmp_path, data_root, flag, *extra)) == 0
+        rows = (tmp_path / flag / "metrics.jsonl").read_text().splitlines()
+        losses[flag] = [json.loads(r)["loss"] for r in rows if '"loss"' in r]
+        record = json.loads((tmp_path / flag / "policy.json").read_text())
+        assert record["cuda_graphs"]["enabled"] == (flag == "true")
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-3, abs=1e-4)
+
+
+@cuda
+@pytest.mark.cuda
+def test_batch_renorm_ramp_advances_inside_the_graph():
+    from torch import nn
+
+    from norms import BatchRenorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchRenorm2d(4, warmup_steps=4)).cuda()
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    capture(model, "classification", x)
+    assert int(model[1].num_batches_tracked) == 0  # the warm-up's forwards were undone
+    seen = []
+    for _ in range(6):
+        model(x).sum().backward()
+        seen.append(float(model[1].last_limits[0]))
+    assert int(model[1].num_batches_tracked) == 6
+    assert seen == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0, 3.0])
