@@ -1,11 +1,12 @@
 """normpilot's normalization library: Batch Renorm, portable SyncBN / SyncBRN,
-GroupNorm + Weight Standardization, a kind registry, model conversion and the
-per-run norm policy."""
+GroupNorm + Weight Standardization, precise BN statistics, a kind registry, model
+conversion and the per-run norm policy."""
 
 from norms.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, renorm_diagnostics
 from norms.convert import convert_norms, is_batch_norm, running_stat_layers
 from norms.group_norm import choose_groups, group_norm
 from norms.policy import PARTS, NormChoice, NormPolicy, resolve_device, select_norm
+from norms.precise_bn import precise_bn
 from norms.registry import (
     available_norms,
     build_norm,
@@ -39,6 +40,7 @@ __all__ = [
     "is_batch_norm",
     "is_batch_norm_kind",
     "norm_for_rank",
+    "precise_bn",
     "register_norm",
     "renorm_diagnostics",
     "resolve_device",

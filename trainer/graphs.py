@@ -114,14 +114,17 @@ def _capture_detector(model: nn.Module, sample: torch.Tensor) -> None:
     # The static part's parameters are the model's (registered here too, so that the
     # graph differentiates with respect to them).
     static.parts = nn.ModuleList([backbone, head])
-    static.train(model.training)
+    static.training = model.training
     torch.cuda.make_graphed_callables(static, (sample,))
     shape = tuple(sample.shape)
     stash: dict = {}
     warned = []
 
     def backbone_forward(x):
-        static.train(backbone.training)  # eval (and other shapes) run eagerly
+        # The graph replays in training mode only; eval runs eagerly.  Only the wrapper's
+        # own flag is set: train() would recurse and overwrite the layers' modes (precise
+        # BN runs the model in eval with its BN layers in train).
+        static.training = backbone.training
         if backbone.training and tuple(x.shape) != shape:
             if not warned:
                 warned.append(True)

@@ -59,3 +59,29 @@ def weight_standardize(w, eps):
     mean = flat.mean(1, keepdim=True)
     var = ((flat - mean) ** 2).mean(1, keepdim=True)
     return ((flat - mean) / torch.sqrt(var + eps)).reshape_as(w)
+
+
+def precise_stats(batches, stages, eps):
+    """Average per-batch statistics of each norm's input in a chain of stages
+    ``x -> f_i(x) -> norm_i (train mode: batch statistics) -> ...``.
+
+    ``stages`` = [(f, weight, bias)]: f maps the previous activation to the norm's input.
+    Returns [(mean, var)] per norm: the mean over batches of the per-batch mean and of
+    the per-batch *unbiased* variance.
+    """
+    sums = [[0.0, 0.0] for _ in stages]
+    k = 0
+    for x in batches:
+        k += 1
+        h = x
+        for i, (f, weight, bias) in enumerate(stages):
+            z = f(h)
+            dims, shape = _dims_and_shape(z)
+            n = z.numel() // z.shape[1]
+            mu = z.mean(dims)
+            biased = ((z - mu.view(shape)) ** 2).mean(dims)
+            sums[i][0] = sums[i][0] + mu
+            sums[i][1] = sums[i][1] + biased * n / (n - 1)
+            h = (z - mu.view(shape)) / torch.sqrt(biased.view(shape) + eps)
+            h = h * weight.view(shape) + bias.view(shape)
+    return [(m / k, v / k) for m, v in sums]
