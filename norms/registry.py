@@ -28,6 +28,7 @@ __all__ = [
     "available_norms",
     "get_norm",
     "is_batch_norm_kind",
+    "learns_running_stats",
     "norm_for_rank",
 ]
 
@@ -36,6 +37,7 @@ __all__ = [
 class _Spec:
     ctor: Callable[..., nn.Module]
     batch_norm: bool
+    frozen: bool  # BatchNorm-family with fixed statistics (FrozenBatchNorm2d)
     # Input rank (1, 2, 3 for 1d/2d/3d) -> constructor, for kinds with one class per
     # rank; empty for rank-agnostic kinds (sync layers, gn, none).
     by_rank: dict[int, Callable[..., nn.Module]] = field(default_factory=dict)
@@ -49,12 +51,14 @@ def register_norm(
     *,
     override: bool = False,
     batch_norm: bool = False,
+    frozen: bool = False,
     by_rank: dict[int, Callable[..., nn.Module]] | None = None,
 ):
     """Decorator: ``@register_norm("mynorm")`` on a constructor ``f(num_features, **kw)``.
 
-    ``batch_norm=True`` declares a BatchNorm-family kind (BatchNorm's buffers and keys);
-    ``by_rank`` maps input rank to the class that conversion uses for that rank.
+    ``batch_norm=True`` declares a BatchNorm-family kind (BatchNorm's buffers and keys),
+    ``frozen=True`` one whose statistics never update; ``by_rank`` maps input rank to
+    the class that conversion uses for that rank.
     """
 
     def deco(ctor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -65,7 +69,7 @@ def register_norm(
                 f"norm kind {name!r} is already registered "
                 f"(to {_NORMS[name].ctor!r}); pass override=True to replace it"
             )
-        _NORMS[name] = _Spec(ctor, batch_norm, dict(by_rank or {}))
+        _NORMS[name] = _Spec(ctor, batch_norm, frozen, dict(by_rank or {}))
         return ctor
 
     return deco
@@ -96,6 +100,13 @@ def get_norm(kind: str) -> Callable[..., nn.Module]:
 def is_batch_norm_kind(kind: str) -> bool:
     """True for the BatchNorm family (bn, brn, syncbn, syncbrn, frozenbn)."""
     return _spec(kind).batch_norm
+
+
+def learns_running_stats(kind: str) -> bool:
+    """True for the kinds whose layers update running statistics (bn, brn, syncbn,
+    syncbrn): what precise BN recalibrates."""
+    spec = _spec(kind)
+    return spec.batch_norm and not spec.frozen
 
 
 def norm_for_rank(kind: str, rank: int) -> Callable[..., nn.Module]:
@@ -138,6 +149,6 @@ register_norm(
 )(BatchRenorm2d)
 register_norm("syncbn", batch_norm=True)(SyncBatchNorm)
 register_norm("syncbrn", batch_norm=True)(SyncBatchRenorm)
-register_norm("frozenbn", batch_norm=True, by_rank={2: _frozen_bn})(_frozen_bn)
+register_norm("frozenbn", batch_norm=True, frozen=True, by_rank={2: _frozen_bn})(_frozen_bn)
 register_norm("gn")(group_norm)
 register_norm("none")(_identity)

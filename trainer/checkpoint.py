@@ -204,7 +204,15 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        unwrap(self.model).load_state_dict(state["model"])
+        model = unwrap(self.model)
+        model.load_state_dict(state["model"])
+        if state.get("bn_ema"):
+            # The model was saved with precise-BN statistics; training goes on from its
+            # own moving averages (trainer.recalibrate).
+            buffers = model.state_dict()
+            with torch.no_grad():
+                for key, value in state["bn_ema"].items():
+                    buffers[key].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -288,7 +296,9 @@ class Checkpointer:
     def due(self, step: int, max_steps: int) -> bool:
         return step % self.interval == 0 or step == max_steps
 
-    def save(self, state: TrainState) -> Path | None:
+    def save(self, state: TrainState, bn_ema: dict | None = None) -> Path | None:
+        """Write ``state`` (every rank calls this).  ``bn_ema``: the training moving
+        averages when the model holds precise-BN statistics (restored on resume)."""
         # Local BN statistics averaged first, so the file doesn't hold rank 0's alone.
         average_local_bn_stats(state.model, self.env)
         rngs = _gather_rng(self.env)
@@ -296,6 +306,7 @@ class Checkpointer:
         if self.env.is_main:
             ckpt = {
                 **state.state_dict(),
+                "bn_ema": bn_ema,
                 "rng": rngs,
                 **self.meta,
                 "world_size": self.env.world_size,
@@ -304,8 +315,3 @@ class Checkpointer:
         self.env.barrier()
         self.last_saved = state.step
         return path
-
-    def save_unsaved(self, state: TrainState) -> None:
-        """A preemption's save: skipped if this step is already on disk."""
-        if self.last_saved != state.step:
-            self.save(state)

@@ -22,7 +22,7 @@ def _policy(args: argparse.Namespace) -> int:
     import torch
 
     from norms import resolve_device
-    from trainer.norm_plan import format_table, graph_plan, plan_norms
+    from trainer.norm_plan import format_table, graph_plan, plan_norms, precise_bn_plan
 
     cfg = load_config(args.config, args.overrides)
     if args.device:
@@ -39,7 +39,7 @@ def _policy(args: argparse.Namespace) -> int:
         + (f", grad_accum {accum} (does not enlarge a norm's batch)" if accum > 1 else "")
         + f", {device}/{backend}\n"
     )
-    print(format_table(plan, graphs))
+    print(format_table(plan, graphs, precise_bn_plan(cfg, plan)))
     return 0
 
 

@@ -214,8 +214,23 @@ class BatchRenormConfig:
 
 
 @dataclass
+class PreciseBNConfig:
+    # auto: on when a BatchNorm-family layer that learns running statistics trains at a
+    # per-device batch below norm.policy.min_batch (its moving average is then noisy).
+    enabled: str = "auto"  # auto | true | false
+    # Batches of train.per_device_batch per recalibration, before every eval and save.
+    num_batches: int = 50
+
+    def __post_init__(self) -> None:
+        self.enabled = str(self.enabled).lower()  # YAML/CLI true/false arrive as booleans
+        _one_of("norm.precise_bn.enabled", self.enabled, ("auto", "true", "false"))
+        _at_least("norm.precise_bn.num_batches", self.num_batches, 1)
+
+
+@dataclass
 class NormConfig:
     policy: NormPolicyConfig = field(default_factory=NormPolicyConfig)
+    precise_bn: PreciseBNConfig = field(default_factory=PreciseBNConfig)
     override: NormOverrideConfig = field(default_factory=NormOverrideConfig)
     brn: BatchRenormConfig = field(default_factory=BatchRenormConfig)
 

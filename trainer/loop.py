@@ -37,7 +37,14 @@ from trainer.data.stream import BatchStream, LoaderFactory
 from trainer.distributed import DistEnv, any_flag, average_local_bn_stats
 from trainer.evaluate import evaluate
 from trainer.logging import Progress, RunLogger, peak_memory_mb, print_summary
-from trainer.norm_plan import format_table, graph_plan, plan_norms, policy_record
+from trainer.norm_plan import (
+    format_table,
+    graph_plan,
+    plan_norms,
+    policy_record,
+    precise_bn_plan,
+)
+from trainer.recalibrate import Recalibrator
 from trainer.training import (
     Training,
     build_training,
@@ -60,10 +67,10 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
     train_ds, val_ds = load_datasets(cfg, env)
     # The policy is re-derived on every start: a restart may have another world size.
     plan = plan_norms(cfg, env.world_size, env.device.type, env.backend)
-    graphs = graph_plan(cfg, env.world_size, env.device.type)
-    record = policy_record(cfg, env.world_size, plan, graphs)
+    graphs, precise = graph_plan(cfg, env.world_size, env.device.type), precise_bn_plan(cfg, plan)
+    record = policy_record(cfg, env.world_size, plan, graphs, precise)
     if env.is_main:
-        print(format_table(plan, graphs), flush=True)
+        print(format_table(plan, graphs, precise), flush=True)
     checkpoints = Checkpointer(
         run_dir / "checkpoints",
         env,
@@ -92,7 +99,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
     if found is not None:
         logger.log({"step": state.step, "event": "resume", "world_size": env.world_size})
     try:
-        final = _Loop(cfg, env, t, state, checkpoints, logger, val_ds).run()
+        final = _Loop(cfg, env, t, state, checkpoints, logger, val_ds, precise).run()
     finally:
         logger.close()
     if env.is_main and "stopped_at" not in final:
@@ -105,9 +112,10 @@ class _Loop:
     """The step loop and its points: log, eval and checkpoint when due; then the final
     eval, or the preemption save when a stop was requested."""
 
-    def __init__(self, cfg, env, t: Training, state: TrainState, checkpoints, logger, val_ds):
+    def __init__(self, cfg, env, t: Training, state, checkpoints, logger, val_ds, precise):
         self.cfg, self.env, self.t, self.state = cfg, env, t, state
         self.checkpoints, self.logger, self.val_ds = checkpoints, logger, val_ds
+        self.recalibrate = Recalibrator(precise, t, state.data, logger)
         self.meter = _LossMeter(state.step)
 
     def run(self) -> dict:
@@ -171,10 +179,12 @@ class _Loop:
         elif save:
             self.meter.check(step)  # never save weights a non-finite loss has touched
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and not last:
-            average_local_bn_stats(t.model, self.env)
-            self.logger.log({"step": step, "eval": self._evaluate()})
-        if save:
-            self.checkpoints.save(self.state)
+            with self.recalibrate.precise(step):
+                average_local_bn_stats(t.model, self.env)
+                self.logger.log({"step": step, "eval": self._evaluate()})
+        if save:  # the last step's statistics stay for the final eval
+            with self.recalibrate.precise(step, keep=last) as ema:
+                self.checkpoints.save(self.state, bn_ema=ema)
 
     def _evaluate(self) -> dict:
         cfg = self.cfg
@@ -188,7 +198,9 @@ class _Loop:
         )
 
     def _preempted(self) -> dict:
-        self.checkpoints.save_unsaved(self.state)
+        if self.checkpoints.last_saved != self.state.step:
+            with self.recalibrate.precise(self.state.step) as ema:
+                self.checkpoints.save(self.state, bn_ema=ema)
         self.logger.log({"step": self.state.step, "event": "preempted"})
         if self.env.is_main:
             print(

@@ -7,7 +7,9 @@ command prints is what a run with that world size does.
 
 from __future__ import annotations
 
-from norms import PARTS, NormChoice, NormPolicy, select_norm
+from dataclasses import asdict, dataclass
+
+from norms import PARTS, NormChoice, NormPolicy, learns_running_stats, select_norm
 from trainer.archs import BACKBONES, backbone_of
 from trainer.config import Config
 from trainer.graphs import GraphPlan, plan_graphs
@@ -17,6 +19,8 @@ __all__ = [
     "model_parts",
     "plan_norms",
     "graph_plan",
+    "PreciseBNPlan",
+    "precise_bn_plan",
     "policy_record",
     "format_table",
 ]
@@ -74,19 +78,60 @@ def graph_plan(cfg: Config, world_size: int, device: str) -> GraphPlan:
     )
 
 
+@dataclass(frozen=True)
+class PreciseBNPlan:
+    enabled: bool
+    num_batches: int
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def precise_bn_plan(cfg: Config, plan: dict[str, NormChoice]) -> PreciseBNPlan:
+    """Whether running statistics are recalibrated before every eval and save, and why."""
+    p, batch, min_batch = cfg.norm.precise_bn, cfg.train.per_device_batch, cfg.norm.policy.min_batch
+    parts = [part for part, c in plan.items() if learns_running_stats(c.kind)]
+    if p.enabled == "false":
+        return PreciseBNPlan(False, p.num_batches, "norm.precise_bn.enabled=false")
+    if not parts:
+        return PreciseBNPlan(False, p.num_batches, f"{p.enabled}: no part learns running stats")
+    if p.enabled == "true":
+        return PreciseBNPlan(True, p.num_batches, "norm.precise_bn.enabled=true")
+    if batch >= min_batch:
+        return PreciseBNPlan(
+            False, p.num_batches, f"auto: per_device_batch {batch} >= min_batch {min_batch}"
+        )
+    return PreciseBNPlan(
+        True,
+        p.num_batches,
+        f"auto: {'/'.join(parts)} learn running statistics at per_device_batch {batch} < "
+        f"min_batch {min_batch}",
+    )
+
+
 def policy_record(
-    cfg: Config, world_size: int, plan: dict[str, NormChoice], graphs: GraphPlan
+    cfg: Config,
+    world_size: int,
+    plan: dict[str, NormChoice],
+    graphs: GraphPlan,
+    precise: PreciseBNPlan,
 ) -> dict:
     """What policy.json holds."""
     return {
         "world_size": world_size,
         "per_device_batch": cfg.train.per_device_batch,
         "parts": {part: choice.as_dict() for part, choice in plan.items()},
+        "precise_bn": precise.as_dict(),
         "cuda_graphs": graphs.as_dict(),
     }
 
 
-def format_table(plan: dict[str, NormChoice], graphs: GraphPlan | None = None) -> str:
+def format_table(
+    plan: dict[str, NormChoice],
+    graphs: GraphPlan | None = None,
+    precise: PreciseBNPlan | None = None,
+) -> str:
     rows = [("part", "kind", "ws", "impl", "reason")]
     rows += [(c.part, c.kind, "yes" if c.ws else "no", c.impl, c.reason) for c in plan.values()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -97,6 +142,11 @@ def format_table(plan: dict[str, NormChoice], graphs: GraphPlan | None = None) -
         )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    if precise is not None or graphs is not None:
+        lines.append("")
+    if precise is not None:
+        state = f"on, {precise.num_batches} batches" if precise.enabled else "off"
+        lines.append(f"precise BN: {state} ({precise.reason})")
     if graphs is not None:
-        lines.append(f"\ncuda graphs: {'on' if graphs.enabled else 'off'} ({graphs.reason})")
+        lines.append(f"cuda graphs: {'on' if graphs.enabled else 'off'} ({graphs.reason})")
     return "\n".join(lines)

@@ -60,6 +60,8 @@ def test_register_norm_decorator_and_duplicates():
 def test_registry_knows_the_batch_norm_family_and_rank_variants():
     family = {k for k in available_norms() if norms.is_batch_norm_kind(k)}
     assert family == {"bn", "brn", "syncbn", "syncbrn", "frozenbn"}
+    learning = {k for k in available_norms() if norms.learns_running_stats(k)}
+    assert learning == family - {"frozenbn"}
     assert norms.norm_for_rank("bn", 1) is nn.BatchNorm1d
     assert norms.norm_for_rank("brn", 3) is norms.BatchRenorm3d
     assert norms.norm_for_rank("syncbn", 1) is norms.SyncBatchNorm  # rank-agnostic

@@ -68,11 +68,23 @@ def test_when_and_keep_k_and_preemption(tmp_path):
         state.step = step
         ckpt.save(state)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006.pt", "step_00000004.pt"]
-    ckpt.save_unsaved(state)  # step 6 is on disk already: nothing new
-    assert len(list_checkpoints(tmp_path)) == 2
-    state.step = 7
-    ckpt.save_unsaved(state)
-    assert list_checkpoints(tmp_path)[0].name == "step_00000007.pt"
+    assert ckpt.last_saved == 6  # what a preemption checks before saving again
+
+
+def test_precise_bn_checkpoints_restore_the_training_averages(tmp_path):
+    a = make_state(0)
+    train_a_bit(a, 2)
+    bn = a.model[1]
+    ema = {"1.running_mean": bn.running_mean.clone(), "1.running_var": bn.running_var.clone()}
+    with torch.no_grad():
+        bn.running_mean.fill_(7.0)  # stands for the precise statistics the file carries
+    ckpt = Checkpointer(tmp_path, CPU, interval=1, keep=1, meta=META)
+    path = ckpt.save(a, bn_ema=ema)
+    assert torch.load(path, weights_only=True)["model"]["1.running_mean"].eq(7.0).all()
+    b = make_state(1)
+    ckpt.restore(b, ckpt.latest("arch", {}), reseed=None)
+    assert torch.equal(b.model[1].running_mean, ema["1.running_mean"])
+    assert torch.equal(b.model[1].running_var, ema["1.running_var"])
 
 
 def test_world_size_change_starts_next_epoch_and_reseeds(tmp_path):

@@ -76,6 +76,15 @@ def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
     assert any(r.get("eval/images") == 8 for r in logged)
     assert any(r.get("policy/_type") == "table-file" for r in logged)
     assert any(k.startswith("brn/") and k.endswith("/r_dev") for r in logged for k in r)
+    # Precise BN (auto: Batch Renorm at batch 2 < 16) before each save: its cost is logged,
+    # the saved model carries the recalibrated statistics, the training averages ride along.
+    assert policy["precise_bn"]["enabled"] and "2 < min_batch 16" in policy["precise_bn"]["reason"]
+    cost = [r for r in metrics if "precise_bn_s" in r]
+    assert [r["step"] for r in cost] == [2, 4] and all(r["precise_bn_batches"] == 12 for r in cost)
+    assert any("precise_bn_s" in r for r in logged)
+    key = "backbone.body.bn1.running_var"
+    assert ck["bn_ema"][key].shape == ck["model"][key].shape
+    assert not torch.allclose(ck["bn_ema"][key], ck["model"][key])
 
 
 def test_classification_run(tmp_path, data_root, capsys):
