@@ -63,20 +63,42 @@ __all__ = [
 ]
 
 
-def renorm_limits(rmax: float, dmax: float, warmup_steps: int, t):
-    """(rmax_t, dmax_t) after ``t`` training forwards, ramping linearly from (1, 0).
+def _ramp(t, hold: int, end: int):
+    """0 until ``hold`` forwards, then linear to 1 at ``end``: a float, or a tensor when
+    ``t`` is one (then computed on its device, no host read)."""
+    if end <= hold:
+        return (t >= hold).to(t.dtype) if isinstance(t, torch.Tensor) else float(t >= hold)
+    if isinstance(t, torch.Tensor):
+        return ((t - hold) / (end - hold)).clamp_(0.0, 1.0)
+    return min(1.0, max(0.0, (t - hold) / (end - hold)))
+
+
+def renorm_limits(
+    rmax: float,
+    dmax: float,
+    warmup_steps: int,
+    t,
+    hold_steps: int = 0,
+    d_warmup_steps: int | None = None,
+):
+    """(rmax_t, dmax_t) after ``t`` training forwards.
+
+    Plain BatchNorm (1, 0) for the first ``hold_steps``; then rmax_t ramps linearly to
+    ``rmax`` at ``warmup_steps`` and dmax_t to ``dmax`` at ``d_warmup_steps`` (default:
+    ``warmup_steps``).  The paper's Inception-v3 schedule is hold 5k, d at 25k, r at 40k.
 
     ``t`` may be a tensor (the layer's ``num_batches_tracked``, in the dtype wanted): the
     limits are then computed on its device and never read by the host, so a training
     step has no host sync and the ramp keeps advancing inside a captured CUDA graph.
     """
-    if warmup_steps <= 0:
+    d_end = warmup_steps if d_warmup_steps is None else d_warmup_steps
+    if warmup_steps <= 0 and d_end <= 0 and hold_steps <= 0:
         return rmax, dmax
-    if isinstance(t, torch.Tensor):
-        a = (t / warmup_steps).clamp_(max=1.0)
-        return a.mul(rmax - 1.0).add_(1.0), a.mul(dmax)
-    a = min(1.0, t / warmup_steps)
-    return 1.0 + a * (rmax - 1.0), a * dmax
+    a_r = _ramp(t, hold_steps, warmup_steps)
+    a_d = a_r if d_end == warmup_steps else _ramp(t, hold_steps, d_end)
+    if isinstance(a_r, torch.Tensor):
+        return a_r.mul(rmax - 1.0).add_(1.0), a_d.mul(dmax)
+    return 1.0 + a_r * (rmax - 1.0), a_d * dmax
 
 
 class _RenormMixin:
@@ -85,7 +107,15 @@ class _RenormMixin:
     Shared by the single-process layers below and ``norms.sync.SyncBatchRenorm``.
     """
 
-    def _init_renorm(self, rmax: float, dmax: float, warmup_steps: int, impl: str) -> None:
+    def _init_renorm(
+        self,
+        rmax: float,
+        dmax: float,
+        warmup_steps: int,
+        impl: str,
+        hold_steps: int = 0,
+        d_warmup_steps: int | None = None,
+    ) -> None:
         if impl not in ("auto", "fused", "native"):
             raise ValueError(f"impl must be 'auto', 'fused' or 'native', got impl={impl!r}")
         self.impl = impl
@@ -93,8 +123,13 @@ class _RenormMixin:
             raise ValueError(f"rmax must be >= 1, got rmax={rmax}")
         if dmax < 0.0:
             raise ValueError(f"dmax must be >= 0, got dmax={dmax}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got warmup_steps={warmup_steps}")
+        for name, v in (("warmup_steps", warmup_steps), ("hold_steps", hold_steps)):
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0, got {name}={v}")
+        if d_warmup_steps is not None and d_warmup_steps < 0:
+            raise ValueError(f"d_warmup_steps must be >= 0 or None, got {d_warmup_steps}")
+        self.hold_steps = int(hold_steps)
+        self.d_warmup_steps = None if d_warmup_steps is None else int(d_warmup_steps)
         self.rmax, self.dmax, self.warmup_steps = float(rmax), float(dmax), int(warmup_steps)
         # Diagnostics of the last training forward (not state: kept out of state_dict).
         self.last_r: torch.Tensor | None = None
@@ -102,7 +137,10 @@ class _RenormMixin:
         self.last_limits: tuple = (1.0, 0.0)  # floats, or 0-dim tensors on the device
 
     def _renorm_extra_repr(self) -> str:
-        return f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}"
+        text = f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}"
+        if self.hold_steps or self.d_warmup_steps is not None:
+            text += f", hold_steps={self.hold_steps}, d_warmup_steps={self.d_warmup_steps}"
+        return text
 
     def _momentum_factor(self, dtype: torch.dtype):
         # nn.BatchNorm's rule; called after num_batches_tracked was incremented.  The
@@ -112,10 +150,14 @@ class _RenormMixin:
         return self.momentum
 
     def _limits(self, dtype: torch.dtype):
-        """This forward's (rmax_t, dmax_t): Python floats with warmup_steps=0, device
-        tensors of ``dtype`` computed from ``num_batches_tracked`` while there is one."""
-        t = self.num_batches_tracked.to(dtype) if self.warmup_steps > 0 else 0
-        return renorm_limits(self.rmax, self.dmax, self.warmup_steps, t)
+        """This forward's (rmax_t, dmax_t): Python floats when nothing ramps, device
+        tensors of ``dtype`` computed from ``num_batches_tracked`` while a schedule is set."""
+        d_end = self.warmup_steps if self.d_warmup_steps is None else self.d_warmup_steps
+        ramps = self.warmup_steps > 0 or d_end > 0 or self.hold_steps > 0
+        t = self.num_batches_tracked.to(dtype) if ramps else 0
+        return renorm_limits(
+            self.rmax, self.dmax, self.warmup_steps, t, self.hold_steps, self.d_warmup_steps
+        )
 
     def _renorm_train(self, x: torch.Tensor, group=None) -> torch.Tensor:
         """Training forward with running statistics: stats, r/d, update, normalize."""
@@ -241,13 +283,15 @@ class _BatchRenorm(_RenormMixin, _BatchNorm):
         dmax: float = 5.0,
         warmup_steps: int = 5000,
         impl: str = "auto",
+        hold_steps: int = 0,
+        d_warmup_steps: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
-        self._init_renorm(rmax, dmax, warmup_steps, impl)
+        self._init_renorm(rmax, dmax, warmup_steps, impl, hold_steps, d_warmup_steps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._renorm_extra_repr()}"

@@ -153,6 +153,8 @@ class SyncBatchRenorm(_SyncMixin, _BatchRenorm):
         warmup_steps: int = 5000,
         process_group=None,
         impl: str = "auto",
+        hold_steps: int = 0,
+        d_warmup_steps: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -166,6 +168,8 @@ class SyncBatchRenorm(_SyncMixin, _BatchRenorm):
             dmax,
             warmup_steps,
             impl,
+            hold_steps,
+            d_warmup_steps,
             device=device,
             dtype=dtype,
         )

@@ -205,12 +205,49 @@ class NormOverrideConfig:
 class BatchRenormConfig:
     rmax: float = 3.0
     dmax: float = 5.0
-    warmup_steps: int = 5000  # training forwards over which the clip limits ramp up
+    # Weight of the new batch in the running statistics (PyTorch's convention; Keras's
+    # renorm_momentum=0.99 is 0.01 here).
+    momentum: float = 0.1
+    # The clip-limit schedule, in training forwards: an int, or a float in (0, 1] for a
+    # fraction of the run (train.max_steps x train.grad_accum forwards).  Plain BN for
+    # hold_steps, then rmax ramps to its value at warmup_steps and dmax at d_warmup_steps
+    # (null: with rmax).  The paper's Inception-v3 run: hold 5k, dmax by 25k, rmax by 40k.
+    hold_steps: Any = 0
+    warmup_steps: Any = 5000
+    d_warmup_steps: Any = None
 
     def __post_init__(self) -> None:
         _at_least("norm.brn.rmax", self.rmax, 1.0)
         _at_least("norm.brn.dmax", self.dmax, 0.0)
-        _at_least("norm.brn.warmup_steps", self.warmup_steps, 0)
+        if not 0.0 < self.momentum <= 1.0:
+            raise ConfigError(f"norm.brn.momentum must be in (0, 1], got {self.momentum}")
+        for key in ("hold_steps", "warmup_steps", "d_warmup_steps"):
+            value = getattr(self, key)
+            if value is None and key == "d_warmup_steps":
+                continue
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
+                isinstance(value, float) and 0.0 < value <= 1.0
+            )
+            if not ok:
+                raise ConfigError(
+                    f"norm.brn.{key} must be an integer >= 0 (forwards) or a float in (0, 1] "
+                    f"(a fraction of the run), got {value!r}"
+                )
+
+    def layer_kwargs(self, forwards: int) -> dict:
+        """Batch Renorm constructor keywords for a run of ``forwards`` training forwards."""
+
+        def steps(v):
+            return v if v is None or isinstance(v, int) else round(v * forwards)
+
+        return dict(
+            rmax=self.rmax,
+            dmax=self.dmax,
+            momentum=self.momentum,
+            hold_steps=steps(self.hold_steps),
+            warmup_steps=steps(self.warmup_steps),
+            d_warmup_steps=steps(self.d_warmup_steps),
+        )
 
 
 @dataclass

@@ -110,11 +110,7 @@ def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Tr
         image_size=cfg.data.image_size,
         fpn_channels=cfg.model.fpn_channels,
         backbone_weights=cfg.model.backbone_weights,
-        brn=dict(
-            rmax=cfg.norm.brn.rmax,
-            dmax=cfg.norm.brn.dmax,
-            warmup_steps=cfg.norm.brn.warmup_steps,
-        ),
+        brn=cfg.norm.brn.layer_kwargs(cfg.train.max_steps * cfg.train.grad_accum),
     )
     if env.device.type == "cuda":
         # cuDNN picks the fastest kernels per shape, unless the run must be reproducible.

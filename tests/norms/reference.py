@@ -12,8 +12,32 @@ def _dims_and_shape(x: torch.Tensor):
     return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
 
 
-def batch_renorm_step(x, weight, bias, state, *, eps, momentum, rmax, dmax, warmup_steps):
-    """One Batch Renorm training forward (Ioffe 2017, Algorithm 1 with a linear ramp).
+def _ramp(t, start, end):
+    """0 before ``start`` forwards, 1 from ``end`` on, linear in between."""
+    if t < start:
+        return 0.0
+    if end <= start:
+        return 1.0
+    return min(1.0, (t - start) / (end - start))
+
+
+def batch_renorm_step(
+    x,
+    weight,
+    bias,
+    state,
+    *,
+    eps,
+    momentum,
+    rmax,
+    dmax,
+    warmup_steps,
+    hold_steps=0,
+    d_warmup_steps=None,
+):
+    """One Batch Renorm training forward (Ioffe 2017, Algorithm 1).  Clip limits: plain BN
+    (1, 0) for ``hold_steps`` forwards, then linear ramps ending at ``warmup_steps`` (r)
+    and ``d_warmup_steps`` (d; default the same).
 
     ``state`` = dict(mean, var, nbt) is read (values before the update) and replaced by
     the updated running statistics.  Returns y, differentiable w.r.t. x, weight, bias,
@@ -26,8 +50,9 @@ def batch_renorm_step(x, weight, bias, state, *, eps, momentum, rmax, dmax, warm
     sigma_b = torch.sqrt(var + eps)
     sigma_r = torch.sqrt(state["var"] + eps)
     t = state["nbt"]
-    a = 1.0 if warmup_steps == 0 else min(1.0, t / warmup_steps)
-    rmax_t, dmax_t = 1 + a * (rmax - 1), a * dmax
+    d_end = warmup_steps if d_warmup_steps is None else d_warmup_steps
+    rmax_t = 1 + _ramp(t, hold_steps, warmup_steps) * (rmax - 1)
+    dmax_t = _ramp(t, hold_steps, d_end) * dmax
     r = torch.clamp(sigma_b.detach() / sigma_r, 1 / rmax_t, rmax_t)
     d = torch.clamp((mu.detach() - state["mean"]) / sigma_r, -dmax_t, dmax_t)
     x_hat = (x - mu.view(shape)) / sigma_b.view(shape)

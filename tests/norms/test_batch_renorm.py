@@ -51,9 +51,14 @@ def make_pair(cls, c, impl="auto", **kw):
 )
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("impl", ["fused", "native"])
-def test_matches_reference_through_warmup_and_clipping(cls, shape, momentum, impl):
+@pytest.mark.parametrize(
+    "schedule",
+    [dict(warmup_steps=3), dict(hold_steps=2, warmup_steps=6, d_warmup_steps=4)],
+    ids=["ramp", "hold+two-ramps"],
+)
+def test_matches_reference_through_warmup_and_clipping(cls, shape, momentum, impl, schedule):
     c = shape[1]
-    hp = dict(eps=EPS, momentum=momentum, rmax=2.0, dmax=1.5, warmup_steps=3)
+    hp = dict(eps=EPS, momentum=momentum, rmax=2.0, dmax=1.5, **schedule)
     layer, w, b, state = make_pair(cls, c, impl=impl, **hp)
     r_clipped = d_clipped = r_free = 0
     for x, dy in drifting_batches(8, shape):
@@ -227,3 +232,16 @@ def test_renorm_diagnostics_reads_every_trained_renorm_layer_by_name():
 def test_impl_is_checked():
     with pytest.raises(ValueError, match="impl must be 'auto', 'fused' or 'native'"):
         BatchRenorm2d(3, impl="triton")
+
+
+def test_schedule_holds_then_ramps_r_and_d_separately():
+    layer = BatchRenorm2d(4, rmax=3.0, dmax=4.0, hold_steps=2, warmup_steps=6, d_warmup_steps=4)
+    seen = []
+    for _ in range(8):
+        layer(torch.randn(6, 4, 3, 3))
+        seen += [float(v) for v in layer.last_limits]
+    expected = [(1, 0), (1, 0), (1, 0), (1.5, 2), (2, 4), (2.5, 4), (3, 4), (3, 4)]
+    assert seen == pytest.approx([v for pair in expected for v in pair])
+    assert "hold_steps=2, d_warmup_steps=4" in repr(layer)
+    with pytest.raises(ValueError, match="hold_steps must be >= 0"):
+        BatchRenorm2d(4, hold_steps=-1)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.config import Config, ConfigError, load_config, to_dict, to_yaml
 
@@ -110,3 +111,41 @@ def test_num_workers_auto_shares_the_cpus(monkeypatch):
     for bad in ("-1", "many", "1.5"):
         with pytest.raises(ConfigError, match="data.num_workers must be 'auto' or an integer"):
             load_config(ROOT / "configs/shapes_det.yaml", [f"data.num_workers={bad}"])
+
+
+def test_batch_renorm_schedule_in_steps_or_fractions_of_the_run():
+    cfg = load_config(
+        ROOT / "configs/shapes_det.yaml",
+        [
+            "train.max_steps=1000",
+            "train.grad_accum=2",
+            "norm.brn.momentum=0.01",
+            "norm.brn.hold_steps=0.125",
+            "norm.brn.warmup_steps=0.8",
+            "norm.brn.d_warmup_steps=500",
+        ],
+    )
+    kw = cfg.norm.brn.layer_kwargs(cfg.train.max_steps * cfg.train.grad_accum)
+    assert kw == dict(
+        rmax=3.0, dmax=5.0, momentum=0.01, hold_steps=250, warmup_steps=1600, d_warmup_steps=500
+    )
+    for bad in ("norm.brn.warmup_steps=1.5", "norm.brn.hold_steps=-1", "norm.brn.momentum=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(ROOT / "configs/shapes_det.yaml", [bad])
+
+
+def test_batch_renorm_settings_reach_the_layers():
+    from norms import BatchRenorm2d
+    from trainer.distributed import DistEnv
+    from trainer.norm_plan import plan_norms
+    from trainer.training import build_training
+
+    cfg = load_config(
+        ROOT / "configs/shapes_cls.yaml",
+        ["train.per_device_batch=2", "norm.brn.momentum=0.01", "norm.brn.hold_steps=0.5"],
+    )
+    env = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
+    t = build_training(cfg, env, plan_norms(cfg, 1, "cpu", "gloo"))
+    layers = [m for m in t.model.modules() if isinstance(m, BatchRenorm2d)]
+    assert layers and all(m.momentum == 0.01 for m in layers)
+    assert all(m.hold_steps == round(0.5 * cfg.train.max_steps) for m in layers)
