@@ -69,7 +69,9 @@ from study_report import CLIP_STATS, NORMS, render, report, summarize  # noqa: E
 from norms import (  # noqa: E402
     convert_convs_to_ws,
     convert_norms,
+    precise_bn,
     renorm_diagnostics,
+    running_stat_layers,
 )
 from trainer.data.classification import IndexedImageFolder  # noqa: E402
 from trainer.data.shapes import ensure_shapes  # noqa: E402
@@ -77,6 +79,7 @@ from trainer.distributed import spawn_gloo  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler, scaled_lr  # noqa: E402
 
 DEFAULT_NORMS = ("bn", "brn", "gn", "syncbn")
+WIDTHS = (16, 32, 64, 128, 128)
 SYNC = ("syncbn", "syncbrn")  # run on 2 gloo processes
 
 
@@ -99,12 +102,13 @@ def load_tensors(root: Path, num_train: int, num_val: int, size: int) -> Path:
 
 # -- one training run ------------------------------------------------------------------
 class SmallResNet(nn.Sequential):
-    """ResNet-10 at a quarter of ResNet-18's width for small inputs: a 3x3 stem, then one
-    torchvision BasicBlock per stage at widths 16-32-64-128 (0.7 M parameters).  Small
-    enough for the whole grid to run on 2 CPU cores, deep enough (11 norm layers, down to
-    2x2 maps at 16 px) for batch statistics to matter."""
+    """A small ResNet for 16 px inputs: a 3x3 stem, then one torchvision BasicBlock per
+    stage at widths 16-32-64-128-128 (1.1 M parameters, 13 norm layers).  Its fifth stage
+    works at 1x1, as ResNet-50's last stage does on 32 px inputs (or an MLP head's BN1d):
+    there BatchNorm normalizes each channel over just B values, which is where its
+    small-batch weakness is unmistakable.  Small enough for the grid on 2 CPU cores."""
 
-    def __init__(self, num_classes: int = 3, widths=(16, 32, 64, 128)):
+    def __init__(self, num_classes: int = 3, widths=(16, 32, 64, 128, 128)):
         from torchvision.models.resnet import BasicBlock
 
         layers: list[nn.Module] = [
@@ -124,10 +128,33 @@ class SmallResNet(nn.Sequential):
         super().__init__(*layers)
 
 
-def build(kind: str, brn_warmup: int) -> nn.Module:
-    model = SmallResNet()
+# Batch Renorm variants, as fractions of the run's steps (the layer counts forwards):
+# "brn" ramps both limits over the first quarter; "brn_m01" is the same with momentum
+# 0.01 (Keras's renorm_momentum=0.99); "brn_paper" is the paper's Inception-v3 shape
+# (plain BN for 5k of 40k steps, dmax open by 25k, rmax by 40k), scaled to the run.
+BRN_VARIANTS = {
+    "brn": dict(momentum=0.1, hold=0.0, r_end=0.25, d_end=0.25),
+    "brn_m01": dict(momentum=0.01, hold=0.0, r_end=0.25, d_end=0.25),
+    "brn_paper": dict(momentum=0.01, hold=0.125, r_end=1.0, d_end=0.625),
+}
+BASE_KIND = {"syncbrn": "syncbrn", **{v: "brn" for v in BRN_VARIANTS}}
+
+
+def build(norm: str, steps: int, widths=WIDTHS) -> nn.Module:
+    model = SmallResNet(widths=widths)
+    kind = BASE_KIND.get(norm, norm)
     if kind in ("brn", "syncbrn"):
-        return convert_norms(model, kind, rmax=3.0, dmax=5.0, warmup_steps=brn_warmup)
+        v = BRN_VARIANTS["brn" if norm == "syncbrn" else norm]
+        return convert_norms(
+            model,
+            kind,
+            rmax=3.0,
+            dmax=5.0,
+            momentum=v["momentum"],
+            hold_steps=round(v["hold"] * steps),
+            warmup_steps=round(v["r_end"] * steps),
+            d_warmup_steps=round(v["d_end"] * steps),
+        )
     if kind == "gn":
         # 8 groups divide every width (2-16 channels per group).
         return convert_convs_to_ws(convert_norms(model, "gn", num_groups=8))
@@ -146,9 +173,10 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
     global_batch = batch * world
     steps = cell["samples"] // global_batch
     torch.manual_seed(seed)  # same initial weights for every norm with this seed
-    brn_warmup = steps // 4
-    model = build(cell["norm"], brn_warmup=brn_warmup)
-    has_renorm = cell["norm"] in ("brn", "syncbrn")
+    widths = tuple(cell.get("widths", WIDTHS))
+    model = build(cell["norm"], steps, widths)
+    has_renorm = BASE_KIND.get(cell["norm"]) in ("brn", "syncbrn")
+    brn_warmup = max(getattr(m, "warmup_steps", 0) for m in model.modules())
     clip_sums: dict[str, dict[str, float]] = {k: {} for k in CLIP_STATS}  # stat -> layer -> sum
     clip_samples = 0
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -188,11 +216,17 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
                     clip_sums[k][name] = clip_sums[k].get(name, 0.0) + stats[k]
             clip_samples += 1
     seconds = time.perf_counter() - t0
-    model.eval()  # running statistics, as at deployment
-    with torch.no_grad():
-        logits = torch.cat([model(x_val[i : i + 256]) for i in range(0, len(x_val), 256)])
-    acc = (logits.argmax(1) == y_val).float().mean().item()
-    val_loss = nn.functional.cross_entropy(logits, y_val).item()
+    acc, val_loss = _evaluate(model, x_val, y_val)  # running statistics, as deployed
+    precise = {}
+    if running_stat_layers(model):
+        # The same model after precise BN (norms.precise_bn, as the trainer runs it):
+        # 200 training batches drawn like the training ones (ranks slice the global one).
+        g = torch.Generator().manual_seed(10_000 + seed)
+        mine = slice(rank * batch, (rank + 1) * batch)
+        batches = (x_train[torch.randperm(n, generator=g)[:global_batch][mine]] for _ in range(200))
+        precise_bn(model, batches, num_batches=200)
+        acc_p, loss_p = _evaluate(model, x_val, y_val)
+        precise = {"acc_precise": acc_p, "val_loss_precise": loss_p}
     # A fingerprint of the trained weights (tests compare runs that must agree).
     weights_l2 = sum(p.double().square().sum() for p in model.parameters()).item()
     clip = {}
@@ -207,10 +241,19 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
         "steps": steps,
         "acc": acc,
         "val_loss": val_loss,
+        **precise,
         "train_s": seconds,
         "weights_l2": weights_l2,
         **({"brn_clip": clip} if clip else {}),
     }
+
+
+def _evaluate(model: nn.Module, x_val, y_val) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x_val[i : i + 256]) for i in range(0, len(x_val), 256)])
+    acc = (logits.argmax(1) == y_val).float().mean().item()
+    return acc, nn.functional.cross_entropy(logits, y_val).item()
 
 
 def _single(args: tuple[dict, str]) -> dict:
@@ -243,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-train", type=int, default=1536)
     ap.add_argument("--num-val", type=int, default=600)
     ap.add_argument("--image-size", type=int, default=16)
+    ap.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="SmallResNet stage widths")
+    ap.add_argument("--name", default="study_cls", help="result file stem (not with --quick)")
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ref-batch", type=int, default=32)
@@ -273,8 +318,12 @@ def main(argv=None) -> int:
         ap.error(f"--batches {bad}: each must be >= 1 and 2 x batch <= --samples")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "study_quick" if args.quick else "study"
+    name = "study_quick" if args.quick else args.name
     batches = sorted(set(args.batches), reverse=True)
+    # One file per finished cell, reused when present with the same recipe: a grid that
+    # a session's end interrupts continues where it stopped.
+    store = out / f"{name}_cells"
+    store.mkdir(exist_ok=True)
 
     t0 = time.perf_counter()
     data_path = str(
@@ -287,6 +336,10 @@ def main(argv=None) -> int:
         ref_batch=args.ref_batch,
         lr_scaling=args.lr_scaling,
         weight_decay=args.weight_decay,
+        widths=[int(w) for w in args.widths.split(",")],
+        num_train=args.num_train,
+        num_val=args.num_val,
+        image_size=args.image_size,
     )
     cells = [
         dict(norm=n, batch=b, seed=s, **common)
@@ -294,19 +347,21 @@ def main(argv=None) -> int:
         for b in batches
         for n in args.norms
     ]
-    local = [c for c in cells if c["norm"] not in SYNC]
-    rows: list[dict] = []
+    rows = [r for c in cells if (r := _stored(store, c)) is not None]
+    todo = [c for c in cells if _stored(store, c) is None]
+    print(f"{len(rows)} of {len(cells)} cells already in {store}", flush=True)
+    local = [c for c in todo if c["norm"] not in SYNC]
     # One-process cells run two at a time, one thread each: on 2 cores that is about twice
     # the throughput of one run with two threads at these small batches.
     with mp.get_context("spawn").Pool(2) as pool:
         for r in pool.imap_unordered(_single, [(c, data_path) for c in local]):
-            rows.append(r)
+            rows.append(_store(store, r))
             print(_line(r), flush=True)
     # Then the 2-process cells, alone: next to the pool (4 busy processes on 2 cores) each
     # gloo collective waits for a descheduled peer and a cell takes ~7x longer.
     with tempfile.TemporaryDirectory() as tmp:
-        for c in [c for c in cells if c["norm"] in SYNC]:
-            rows.append(run_sync(c, data_path, Path(tmp)))
+        for c in [c for c in todo if c["norm"] in SYNC]:
+            rows.append(_store(store, run_sync(c, data_path, Path(tmp))))
             print(_line(rows[-1]), flush=True)
     wall = (time.perf_counter() - t0) / 60
 
@@ -314,15 +369,32 @@ def main(argv=None) -> int:
         date=date.today().isoformat(),
         machine=machine(),
         seeds=args.seeds,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        image_size=args.image_size,
         **common,  # the recipe every cell was trained with
         min_batch=args.min_batch,
         wall_min=wall,
     )
     report(rows, meta, out, name, not args.no_wandb)
     return 0
+
+
+def _cell_file(store: Path, cell: dict) -> Path:
+    return store / f"{cell['norm']}_b{cell['batch']}_s{cell['seed']}.json"
+
+
+def _stored(store: Path, cell: dict) -> dict | None:
+    path = _cell_file(store, cell)
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    return row if all(row.get(k) == v for k, v in cell.items()) else None
+
+
+def _store(store: Path, row: dict) -> dict:
+    path = _cell_file(store, row)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1) + "\n")
+    os.replace(tmp, path)
+    return row
 
 
 def _line(r: dict) -> str:

@@ -10,47 +10,147 @@ from pathlib import Path
 
 from norms import NormPolicy, select_norm
 
-NORMS = ("bn", "brn", "gn", "syncbn", "syncbrn")
+NORMS = ("bn", "brn", "brn_m01", "brn_paper", "gn", "syncbn", "syncbrn")
 LABELS = {
     "bn": "BN",
     "brn": "Batch Renorm",
+    "brn_m01": "Batch Renorm, momentum 0.01",
+    "brn_paper": "Batch Renorm, paper's schedule",
     "gn": "GN + WS",
     "syncbn": "SyncBN (2 procs)",
     "syncbrn": "SyncBRN (2 procs)",
     "auto": "auto policy (1 proc)",
     "auto2": "auto policy (2 procs)",
 }
-LINES = (*NORMS, "auto", "auto2")
+LINES = (*NORMS, *(f"{n}+pbn" for n in NORMS), "auto", "auto2")
+LABELS.update({f"{n}+pbn": f"{LABELS[n]} + precise BN" for n in NORMS})
+# Line names in the issue's JSON schema (study_cls.json): gn is GroupNorm + WS, and the
+# 2-process policy line is "auto" at world 2.
+SCHEMA_NORM = {"gn": "gn_ws", "auto2": "auto"}
+TWO_PROCESS = ("syncbn", "syncbrn", "auto2")
 # Batch Renorm's per-layer diagnostics (norms.batch_renorm renorm_stats) kept per run.
 CLIP_STATS = ("r_dev", "r_clipped", "d_abs", "d_clipped")
 
 
 def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
     cells: dict[str, dict[int, dict]] = {}
-    for r in rows:
-        c = cells.setdefault(r["norm"], {}).setdefault(r["batch"], {"accs": [], "losses": []})
+    by_cell: dict[tuple[str, int], list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        by_cell.setdefault((r["norm"], r["batch"]), []).append(r)
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        c = cells.setdefault(r["norm"], {}).setdefault(
+            r["batch"], {"accs": [], "losses": [], "seeds": []}
+        )
         c["accs"].append(r["acc"])
         c["losses"].append(r["val_loss"])
+        c["seeds"].append(r["seed"])
         if "brn_clip" in r:
             c.setdefault("clips", []).append(r["brn_clip"])
+    # The same runs after precise BN (norms.precise_bn), where they measured it.
+    for (norm, b), picked in by_cell.items():
+        if all("acc_precise" in r for r in picked):
+            cells.setdefault(f"{norm}+pbn", {})[b] = _precise(picked)
     for per_batch in cells.values():
         for c in per_batch.values():
+            if "mean" in c:
+                continue
             c["mean"] = statistics.fmean(c["accs"])
             c["std"] = statistics.stdev(c["accs"]) if len(c["accs"]) > 1 else 0.0
             c["loss_mean"] = statistics.fmean(c["losses"])
             c["loss_std"] = statistics.stdev(c["losses"]) if len(c["losses"]) > 1 else 0.0
             if c.get("clips"):
                 c["clip"] = {k: statistics.fmean(x[k] for x in c["clips"]) for k in c["clips"][0]}
-    # The policy's pick at each batch size, for 1 process and for the 2-process cells.
+    # The policy's pick at each batch size, for 1 process and for the 2-process cells,
+    # with precise BN where the policy turns it on (a BatchNorm-family kind below
+    # min_batch) and the runs measured it.
     for line, world in (("auto", 1), ("auto2", 2)):
         auto = {}
         for b in batches:
             kind = select_norm(world, b, policy=NormPolicy(min_batch=min_batch)).kind
-            if kind in cells and b in cells[kind]:
-                auto[b] = {**cells[kind][b], "kind": kind}
+            if kind not in cells or b not in cells[kind]:
+                continue
+            precise = b < min_batch and all("acc_precise" in r for r in by_cell[kind, b])
+            if precise:
+                auto[b] = {**cells[f"{kind}+pbn"][b], "kind": kind, "precise": True}
+            else:
+                auto[b] = {**cells[kind][b], "kind": kind, "precise": False}
         if auto:
             cells[line] = auto
     return cells
+
+
+def _precise(runs: list[dict]) -> dict:
+    accs, losses = [r["acc_precise"] for r in runs], [r["val_loss_precise"] for r in runs]
+    return {**_stats(accs, losses), "seeds": [r["seed"] for r in runs]}
+
+
+def _stats(accs: list[float], losses: list[float]) -> dict:
+    return {
+        "accs": accs,
+        "losses": losses,
+        "mean": statistics.fmean(accs),
+        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "loss_mean": statistics.fmean(losses),
+        "loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+    }
+
+
+def schema(cells: dict) -> dict:
+    """The issue's result schema: one entry per (line, batch, world), values per seed."""
+    out = []
+    for line in LINES:
+        for b, c in sorted(cells.get(line, {}).items(), reverse=True):
+            entry = {
+                "norm": SCHEMA_NORM.get(line, line),
+                "batch": b,
+                "world": 2 if line in TWO_PROCESS else 1,
+                "seeds": c["seeds"],
+                "values": [100 * a for a in c["accs"]],
+            }
+            if line.startswith("auto"):
+                entry["picked"] = c["kind"] + ("+precise_bn" if c["precise"] else "")
+            out.append(entry)
+    return {"metric": "validation accuracy (%), eval with running statistics", "cells": out}
+
+
+def paired_to_best(cells: dict, batches: list[int]) -> list[str]:
+    """auto against the best line at each (batch, world), paired by seed: the mean and
+    std of per-seed differences (a common seed means the same initial weights and data
+    order), and the bar auto must clear: best - max(1 point, 2 standard errors)."""
+    lines = [
+        "| policy | B | auto (picked) | best line | paired difference (points) | bar | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for auto, world in (("auto", 1), ("auto2", 2)):
+        for b in batches:
+            if b not in cells.get(auto, {}):
+                continue
+            candidates = [
+                n
+                for n in LINES
+                if not n.startswith("auto")
+                and (n.split("+")[0] in TWO_PROCESS) == (world == 2)
+                and b in cells.get(n, {})
+            ]
+            best = max(candidates, key=lambda n: cells[n][b]["mean"])
+            a, c = cells[auto][b], cells[best][b]
+            common = sorted(set(a["seeds"]) & set(c["seeds"]))
+            diffs = [
+                100 * (a["accs"][a["seeds"].index(s)] - c["accs"][c["seeds"].index(s)])
+                for s in common
+            ]
+            mean = statistics.fmean(diffs) if diffs else float("nan")
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            se = 100 * c["std"] / max(1, len(c["accs"])) ** 0.5
+            bar = 100 * c["mean"] - max(1.0, 2 * se)
+            met = 100 * a["mean"] >= bar
+            lines.append(
+                f"| {LABELS[auto]} | {b} | {100 * a['mean']:.1f} ({a['kind']}"
+                f"{' + precise BN' if a['precise'] else ''}) | {LABELS[best]} "
+                f"{100 * c['mean']:.1f} | {mean:+.1f} ± {std:.1f} (n={len(diffs)}) | "
+                f"{bar:.1f} | {'yes' if met else 'NO'} |"
+            )
+    return lines
 
 
 def _table(cells: dict, batches: list[int], fmt) -> list[str]:
@@ -67,14 +167,18 @@ def _table(cells: dict, batches: list[int], fmt) -> list[str]:
             if c is None:
                 row.append("–")
                 continue
-            row.append(f"{fmt(c)} ({c['kind']})" if norm.startswith("auto") else fmt(c))
+            if norm.startswith("auto"):
+                row.append(f"{fmt(c)} ({c['kind']}{' + precise BN' if c['precise'] else ''})")
+            else:
+                row.append(fmt(c))
         lines.append(f"| {LABELS[norm]} | " + " | ".join(row) + " |")
     return lines
 
 
 def markdown(cells: dict, batches: list[int], meta: dict) -> str:
     lines = [
-        f"SmallResNet (ResNet-10, widths 16-128) on shapes classification "
+        f"SmallResNet (widths {'-'.join(map(str, meta.get('widths', (16, 32, 64, 128))))}) "
+        f"on shapes classification "
         f"({meta['image_size']} px, {meta['num_train']} train / {meta['num_val']} val images), "
         f"{meta['samples']} training samples per run, {meta['optimizer']} lr {meta['lr']} at "
         f"batch {meta['ref_batch']} with {meta['lr_scaling']} scaling, mean ± std over "
@@ -91,6 +195,10 @@ def markdown(cells: dict, batches: list[int], meta: dict) -> str:
         "Validation cross-entropy:",
         "",
         *_table(cells, batches, lambda c: f"{c['loss_mean']:.3f} ± {c['loss_std']:.3f}"),
+        "",
+        "The policy against the best line in each cell:",
+        "",
+        *paired_to_best(cells, batches),
     ]
     clipped = [
         (n, b, cells[n][b]["clip"])
@@ -202,9 +310,8 @@ def report(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) 
     rows = sorted(rows, key=lambda r: (NORMS.index(r["norm"]), -r["batch"], r["seed"]))
     batches = sorted({r["batch"] for r in rows}, reverse=True)
     summary = summarize(rows, batches, meta["min_batch"])
-    (out / f"{name}.json").write_text(
-        json.dumps({"meta": meta, "runs": rows, "summary": _jsonable(summary)}, indent=1) + "\n"
-    )
+    record = {**schema(summary), "meta": meta, "runs": rows, "summary": _jsonable(summary)}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown(summary, batches, meta)
     (out / f"{name}.md").write_text(table)
     plot(

@@ -60,15 +60,31 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
         assert 0.0 <= r["acc"] <= 1.0 and r["val_loss"] > 0
         assert r["steps"] == 256 // (r["batch"] * r["world_size"])
         assert r["world_size"] == (2 if r["norm"] == "syncbn" else 1)
-    # The auto line is the policy's pick for one process: BN at 16, Batch Renorm at 2.
+    # The auto line is the policy's pick for one process: BN at 16, Batch Renorm at 2,
+    # where the policy also turns precise BN on (2 < min_batch 16).
     summary = result["summary"]
-    assert summary["auto"]["16"]["kind"] == "bn" and summary["auto"]["2"]["kind"] == "brn"
-    assert summary["auto"]["2"]["mean"] == summary["brn"]["2"]["mean"]
+    assert summary["auto"]["16"]["kind"] == "bn" and not summary["auto"]["16"]["precise"]
+    assert summary["auto"]["2"]["kind"] == "brn" and summary["auto"]["2"]["precise"]
+    assert summary["auto"]["2"]["mean"] == summary["brn+pbn"]["2"]["mean"]
+    assert summary["auto"]["16"]["mean"] == summary["bn"]["16"]["mean"]
+    # Every BatchNorm-family run was also evaluated after precise BN; GN runs were not.
+    for r in runs:
+        assert ("acc_precise" in r) == (r["norm"] != "gn")
+    # The schema: one entry per (line, batch, world), one value per seed.
+    assert result["metric"].startswith("validation accuracy")
+    entries = {(c["norm"], c["batch"], c["world"]): c for c in result["cells"]}
+    assert ("gn_ws", 2, 1) in entries and ("syncbn", 16, 2) in entries
+    assert entries["auto", 2, 1]["picked"] == "brn+precise_bn"
+    assert entries["auto", 16, 2]["picked"] == "syncbn"
+    for c in result["cells"]:
+        assert c["seeds"] == [0] and len(c["values"]) == 1 and 0 <= c["values"][0] <= 100
     table = (out / "study_quick.md").read_text()
     for label in ("| BN |", "| Batch Renorm |", "| GN + WS |", "| SyncBN (2 procs) |", "auto"):
         assert label in table
     assert "B=16" in table and "B=2" in table
     assert "Validation cross-entropy" in table
+    assert "| Batch Renorm + precise BN |" in table and "(brn + precise BN)" in table
+    assert "The policy against the best line in each cell" in table
     # Batch Renorm runs carry their clip diagnostics; no other run does.
     for r in runs:
         assert ("brn_clip" in r) == (r["norm"] == "brn")
@@ -108,9 +124,18 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
     assert logged.get("runs/_type") == "table-file"
     assert logged.get("plot/_type") == "image-file"
     # wandb stores a custom line chart as its data table, one row per (line, batch):
-    # bn, brn, gn, syncbn and the two policy lines, at B=16 and B=2.
+    # bn, brn, gn, syncbn, their three precise-BN lines and the two policy lines, at
+    # B=16 and B=2.
     assert logged.get("accuracy_vs_batch_table/_type") == "table-file"
-    assert logged.get("accuracy_vs_batch_table/nrows") == 6 * 2
+    assert logged.get("accuracy_vs_batch_table/nrows") == 9 * 2
+
+    # Finished cells are kept one file each; a rerun reuses them and trains nothing.
+    assert len(list((out / "study_quick_cells").glob("*.json"))) == 8
+    again = run_bench(
+        "study.py", "--quick", "--out", out, "--data-root", data, "--no-wandb", timeout=300, env=env
+    )
+    assert again.returncode == 0 and "8 of 8 cells already in" in again.stdout
+    assert json.loads((out / "study_quick.json").read_text())["runs"] == runs
 
 
 def test_bad_arguments_are_refused_before_training(tmp_path):
