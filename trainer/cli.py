@@ -1,7 +1,11 @@
-"""``python -m trainer <command>``: the service's command line.
+"""``normpilot <command>`` (= ``python -m trainer <command>``): the service's command line.
 
-    python -m trainer train  --config C [key=value ...]      (also under torchrun)
-    python -m trainer policy --config C [--world-size W] [--device cpu|cuda] [key=value ...]
+    normpilot train   --config C [key=value ...]               (also under torchrun)
+    normpilot policy  --config C [--world-size W] [--device cpu|cuda] [key=value ...]
+    normpilot eval    --run R [--checkpoint P] [key=value ...]  (also under torchrun)
+    normpilot predict --run R IMAGES... [--score-thresh T] [--top-k K] [--out D]
+    normpilot export  --run R [--out D]
+    normpilot runs    [--root runs]
 
 ``policy`` prints the per-part norm decisions for any world size without building a
 model or starting workers, so a 64-GPU run can be planned on a laptop.
@@ -88,7 +92,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="normpilot", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("policy", help="print the norm decision for each model part")
     p.add_argument("--config", required=True, help="YAML preset, e.g. configs/shapes_det.yaml")
@@ -108,7 +112,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML preset, e.g. configs/shapes_det.yaml")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=_train)
+    _after_training(sub)
     return parser
+
+
+def _after_training(sub) -> None:
+    from trainer import commands
+
+    def run_args(p, overrides=False):
+        p.add_argument("--run", required=True, help="a run folder, e.g. runs/shapes_det")
+        p.add_argument("--checkpoint", help="a checkpoint file (default: newest valid)")
+        if overrides:
+            p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint; writes <run>/eval.json")
+    run_args(e, overrides=True)
+    e.set_defaults(func=commands.cmd_eval)
+    p = sub.add_parser("predict", help="detections / top-k for images, files or globs")
+    run_args(p)
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--out", help="output folder (default: <run>/predictions)")
+    p.add_argument("--score-thresh", type=float, default=0.3, help="detection: keep >= this")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="classification: classes kept")
+    p.set_defaults(func=commands.cmd_predict)
+    x = sub.add_parser("export", help="TorchScript + weights-only model, torch/torchvision only")
+    run_args(x)
+    x.add_argument("--out", help="output folder (default: <run>/export)")
+    x.set_defaults(func=commands.cmd_export)
+    r = sub.add_parser("runs", help="list run folders: step, checkpoint, last eval, norms")
+    r.add_argument("--root", default="runs", help="folder holding run folders (default: runs)")
+    r.set_defaults(func=commands.cmd_runs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from trainer.checkpoint import (
     write_atomic,
 )
 from trainer.config import Config, to_dict, to_yaml
-from trainer.data import DataError
+from trainer.data import DataError, describe
 from trainer.data.stream import BatchStream, LoaderFactory
 from trainer.distributed import DistEnv, any_flag, average_local_bn_stats
 from trainer.evaluate import evaluate
@@ -76,7 +76,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         env,
         interval=cfg.checkpoint.interval,
         keep=cfg.checkpoint.keep,
-        meta={"config": to_dict(cfg), "policy": record},
+        meta={"config": to_dict(cfg), "policy": record, "dataset": describe(train_ds, cfg)},
     )
     found = checkpoints.latest(cfg.model.arch, plan)
 

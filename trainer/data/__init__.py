@@ -12,7 +12,7 @@ from trainer.data.coco import CocoDetection, collate_detection
 from trainer.data.errors import DataError
 from trainer.data.shapes import ensure_shapes, shapes_dir
 
-__all__ = ["DataError", "build_datasets", "train_loader", "eval_loader"]
+__all__ = ["DataError", "build_datasets", "describe", "train_loader", "eval_loader"]
 
 
 def build_datasets(
@@ -108,3 +108,14 @@ def eval_loader(
         pin_memory=pin_memory,
         collate_fn=collate_detection if task == "detection" else None,
     )
+
+
+def describe(ds, cfg) -> dict:
+    """What inference needs from the training data, saved in every checkpoint: the task,
+    the input size, and label -> the dataset's category id and name (detection: label
+    i + 1 is ``categories[i]``, 0 being background; classification: class i)."""
+    return {
+        "task": cfg.model.task,
+        "image_size": cfg.data.image_size,
+        "categories": ds.categories,
+    }

@@ -12,9 +12,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.errors import DataError
 
-__all__ = ["IndexedImageFolder"]
+__all__ = ["IndexedImageFolder", "MEAN", "STD"]
 
-_MEAN, _STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as torchvision's
+_MEAN, _STD = MEAN, STD
 
 
 class IndexedImageFolder(torch.utils.data.Dataset):
@@ -31,6 +32,11 @@ class IndexedImageFolder(torch.utils.data.Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.folder.classes)
+
+    @property
+    def categories(self) -> list[dict]:
+        """Class index i -> its folder name (ImageFolder's sorted order)."""
+        return [{"id": i, "name": name} for i, name in enumerate(self.folder.classes)]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

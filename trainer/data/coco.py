@@ -31,7 +31,8 @@ class CocoDetection(torch.utils.data.Dataset):
                 data = json.load(f)
             images = data["images"]
             anns = data["annotations"]
-            cats = sorted(c["id"] for c in data["categories"])
+            categories = sorted(data["categories"], key=lambda c: c["id"])
+            cats = [c["id"] for c in categories]
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"annotation file {self.ann_file} is not valid JSON: {e}") from None
         except (KeyError, TypeError) as e:
@@ -41,6 +42,8 @@ class CocoDetection(torch.utils.data.Dataset):
         if not images:
             raise DataError(f"annotation file {self.ann_file} lists no images")
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cats)}
+        # label i + 1 -> the dataset's own id and name (predictions map back through it)
+        self.categories = [{"id": c["id"], "name": str(c.get("name", c["id"]))} for c in categories]
         self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
         self.images = sorted(images, key=lambda im: im["id"])
         self.boxes: dict[int, list] = {im["id"]: [] for im in self.images}

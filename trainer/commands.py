@@ -1,0 +1,172 @@
+"""After training: ``eval``, ``predict``, ``export`` and ``runs`` (see trainer.cli)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+__all__ = ["cmd_eval", "cmd_predict", "cmd_export", "cmd_runs"]
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a checkpoint on the configured val split (or a dataset given by
+    overrides); under torchrun every rank takes a shard.  Writes <run>/eval.json."""
+    from trainer.checkpoint import write_atomic
+    from trainer.distributed import init_distributed, teardown
+    from trainer.evaluate import evaluate
+    from trainer.inference import load_run
+    from trainer.training import load_datasets
+
+    run_dir = Path(args.run)
+    probe = load_run(run_dir, args.checkpoint, args.overrides)  # fails before any group
+    cfg = probe.cfg
+    env = init_distributed(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        run = (
+            probe
+            if env.device.type == "cpu"
+            else load_run(run_dir, args.checkpoint, args.overrides, device=str(env.device))
+        )
+        _, val_ds = load_datasets(cfg, env)
+        metrics = evaluate(
+            run.model,
+            val_ds,
+            env,
+            task=cfg.model.task,
+            batch=max(8, cfg.train.per_device_batch),
+            workers=cfg.data.workers(env.local_world_size),
+        )
+    finally:
+        teardown()
+    if env.is_main:
+        record = {
+            "checkpoint": str(run.checkpoint),
+            "step": run.step,
+            "data": {"dataset": cfg.data.dataset, "root": cfg.data.root},
+            "metrics": metrics,
+        }
+        write_atomic(run_dir / "eval.json", json.dumps(record, indent=2) + "\n")
+        print(json.dumps(metrics))
+        print(f"wrote {run_dir / 'eval.json'} ({run.checkpoint.name}, step {run.step})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Images -> predictions.json (detection: COCO results with the dataset's category ids
+    and names, plus <image>.png with the boxes drawn; classification: top-k, also as
+    predictions.csv)."""
+    from trainer.inference import image_paths, load_run, predict, read_images
+
+    run = load_run(args.run, args.checkpoint)
+    paths = image_paths(args.images)
+    images = read_images(paths)
+    out = Path(args.out or Path(args.run) / "predictions")
+    out.mkdir(parents=True, exist_ok=True)
+    cats = run.dataset["categories"]
+    results = []
+    if run.dataset["task"] == "detection":
+        from torchvision.ops import box_convert
+        from torchvision.transforms.v2.functional import to_pil_image
+        from torchvision.utils import draw_bounding_boxes
+
+        for i, (path, image, output) in enumerate(
+            zip(paths, images, predict(run, images), strict=True)
+        ):
+            keep = (output["scores"] >= args.score_thresh) & (output["labels"] > 0)
+            boxes, labels, scores = (output[k][keep] for k in ("boxes", "labels", "scores"))
+            names = [cats[int(lab) - 1]["name"] for lab in labels]
+            for box, lab, name, score in zip(
+                box_convert(boxes, "xyxy", "xywh"), labels, names, scores, strict=True
+            ):
+                results.append(
+                    {
+                        "image_id": i,
+                        "file_name": str(path),
+                        "category_id": cats[int(lab) - 1]["id"],
+                        "category_name": name,
+                        "bbox": [float(v) for v in box],
+                        "score": float(score),
+                    }
+                )
+            text = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist(), strict=True)]
+            drawn = draw_bounding_boxes((image * 255).byte(), boxes, text, colors="red")
+            to_pil_image(drawn).save(out / f"{path.stem}.png")
+    else:
+        tops = predict(run, images, top_k=args.top_k)
+        for i, (path, top) in enumerate(zip(paths, tops, strict=True)):
+            results.append(
+                {
+                    "image_id": i,
+                    "file_name": str(path),
+                    "top_k": [
+                        {"class": c, "name": cats[c]["name"], "probability": p} for c, p in top
+                    ],
+                }
+            )
+        with open(out / "predictions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name", "rank", "class", "name", "probability"])
+            for r in results:
+                for k, t in enumerate(r["top_k"], 1):
+                    p = f"{t['probability']:.6f}"
+                    w.writerow([r["file_name"], k, t["class"], t["name"], p])
+    (out / "predictions.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{len(paths)} image(s), {len(results)} prediction(s) -> {out}/predictions.json")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from trainer.export import export_run
+    from trainer.inference import load_run
+
+    run = load_run(args.run, args.checkpoint)
+    files = export_run(run, args.out or Path(args.run) / "export")
+    for kind, path in files.items():
+        print(f"{kind:>8}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    """One line per run folder under --root: step reached, newest valid checkpoint, last
+    eval, norm kind per part."""
+    from trainer.checkpoint import load_latest
+
+    root = Path(args.root)
+    folders = sorted(p.parent for p in root.glob("*/config.yaml")) if root.is_dir() else []
+    if not folders:
+        print(f"no runs under {root}/")
+        return 0
+    rows = [("run", "step", "checkpoint", "last eval", "norms")]
+    for folder in folders:
+        found = load_latest(folder / "checkpoints")
+        step, ckpt = (found[0]["step"], found[1].name) if found else ("-", "-")
+        policy = _read_json(folder / "policy.json") or {}
+        kinds = "/".join(f"{k}:{v['kind']}" for k, v in policy.get("parts", {}).items())
+        rows.append((folder.name, str(step), ckpt, _last_eval(folder), kinds or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    return 0
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _last_eval(folder: Path) -> str:
+    try:
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return "-"
+    for line in reversed(lines):
+        row = json.loads(line)
+        if "eval" in row:
+            return (
+                " ".join(f"{k} {v:.3f}" for k, v in row["eval"].items() if k != "images")
+                + f" (step {row['step']})"
+            )
+    return "-"
