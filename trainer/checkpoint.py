@@ -22,6 +22,7 @@ import random
 import re
 import signal
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,17 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int) -> Pa
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
-    for old in list_checkpoints(folder)[keep:]:
+    # Rotation counts real checkpoints only: a stray file named like one (not a torch zip
+    # archive) must not push a good checkpoint out.  It is left alone, with a warning.
+    found = list_checkpoints(folder)
+    junk = [p for p in found if not zipfile.is_zipfile(p)]
+    if junk:
+        warnings.warn(
+            f"ignoring {len(junk)} file(s) in {folder} named like checkpoints that are not: "
+            f"{', '.join(p.name for p in junk)}",
+            stacklevel=2,
+        )
+    for old in [p for p in found if p not in junk][keep:]:
         old.unlink(missing_ok=True)
     return final
 
@@ -260,6 +271,10 @@ class Checkpointer:
         self.last_saved = -1
         if env.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
+            # A save interrupted mid-write (a second Ctrl-C, a kill) leaves its temporary
+            # file; the checkpoints themselves are whole (written, then renamed).
+            for stale in self.folder.glob(".step_*.pt.tmp"):
+                stale.unlink(missing_ok=True)
 
     def latest(self, arch: str, plan: dict[str, NormChoice]) -> tuple[dict, Path] | None:
         """The newest readable checkpoint, checked against this run (before any model)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from trainer.config import ConfigError, load_config
 
@@ -82,6 +83,24 @@ def _check_before_workers(cfg) -> None:
         cfg.run.device, cfg.dist.backend, cuda_available=torch.cuda.is_available()
     )
     graph_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), device)  # raises if impossible
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    try:  # the run folder must be writable before anything is built or started
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"run.output_dir={cfg.run.output_dir!r}: cannot write the run folder {run_dir} "
+            f"({e.strerror or e})"
+        ) from None
+    t = cfg.train
+    if t.max_steps < t.warmup_steps and os.environ.get("RANK", "0") == "0":
+        print(
+            f"warning: train.max_steps={t.max_steps} < train.warmup_steps={t.warmup_steps}: "
+            f"the learning rate never reaches train.lr",
+            file=sys.stderr,
+        )
 
 
 def _positive_int(text: str) -> int:

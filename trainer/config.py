@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -62,9 +63,13 @@ class DataConfig:
     num_train: int = 2000  # shapes only: images generated per split
     num_val: int = 300
     num_workers: Any = "auto"  # auto: min(8, CPUs per local process) | an int >= 0
+    # COCO boxes that are empty or reach outside their image: drop (with one warning
+    # naming them) | error
+    bad_boxes: str = "drop"
 
     def __post_init__(self) -> None:
         _one_of("data.dataset", self.dataset, ("shapes", "coco", "imagefolder"))
+        _one_of("data.bad_boxes", self.bad_boxes, ("drop", "error"))
         _at_least("data.image_size", self.image_size, 16)
         _at_least("data.num_train", self.num_train, 1)
         _at_least("data.num_val", self.num_val, 1)
@@ -327,6 +332,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as e:
             raise _wrap(e, str(path)) from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: YAML syntax error: {what}") from None
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value")

@@ -4,6 +4,7 @@ AMP).  The loop takes these and nothing else from the config's set-up."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -15,7 +16,7 @@ from norms import NormChoice
 from trainer.config import Config, ConfigError
 from trainer.data import DataError, build_datasets, train_loader
 from trainer.data.stream import LoaderFactory
-from trainer.distributed import DistEnv
+from trainer.distributed import DistEnv, any_flag
 from trainer.models import build_model
 from trainer.optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -51,12 +52,23 @@ def load_datasets(cfg: Config, env: DistEnv):
         num_train=cfg.data.num_train,
         num_val=cfg.data.num_val,
         seed=cfg.run.seed,
+        bad_boxes=cfg.data.bad_boxes,
     )
-    if env.local_rank == 0:
-        train_ds, val_ds = make(generate=True)
-    env.barrier()
-    if env.local_rank != 0:
-        train_ds, val_ds = make(generate=False)
+    # Local rank 0 generates (and checks) first; the others read it after.  Each round
+    # ends with every rank agreeing on failure, so one rank's bad data stops all of them
+    # with its message, instead of the others dying later on a closed connection.
+    datasets = None
+    for builder in (True, False):
+        error = None
+        if (env.local_rank == 0) == builder:
+            try:
+                datasets = make(generate=builder)
+            except DataError as e:
+                error = e
+        (failed,) = any_flag(env, error is not None)
+        if failed:
+            raise error or DataError("another rank could not load the data (see its error)")
+    train_ds, val_ds = datasets
     if train_ds.num_classes != cfg.model.num_classes:
         raise ConfigError(
             f"model.num_classes={cfg.model.num_classes} but the training data has "
@@ -124,11 +136,17 @@ def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Tr
     if env.world_size > 1:
         # broadcast_buffers=False: local BN keeps each rank's statistics (averaged before
         # eval and saving); synchronized layers agree by construction.
-        net = DDP(
-            model,
-            device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+        with warnings.catch_warnings():
+            # torch 2.14 deprecates broadcast_buffers, but its replacement still syncs
+            # buffers at init, which rank-local BN statistics must not do; until
+            # init_sync_buffers exists this is the right flag, so its warning (one per
+            # rank) is noise.
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
+            net = DDP(
+                model,
+                device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
     t = cfg.train
     lr = scaled_lr(t.lr, t.ref_batch, t.per_device_batch, env.world_size, t.grad_accum)
     opt = build_optimizer(model, t.optimizer, lr, t.momentum, t.weight_decay)

@@ -115,3 +115,85 @@ def test_truncated_newest_checkpoint_is_skipped(tmp_path, data_root):
     proc = run(train_cmd(DET, out, data_root, "trunc", *FAST_DET, "train.max_steps=4"))
     assert "skipping unreadable checkpoint" in proc.stderr
     assert "resumed from" in proc.stdout and "step_00000002.pt" in proc.stdout
+
+
+def _edit_annotations(coco_copy, split, edit):
+    ann = coco_copy / "annotations" / f"instances_{split}.json"
+    data = json.loads(ann.read_text())
+    edit(data)
+    ann.write_text(json.dumps(data))
+    return ann
+
+
+def test_unknown_category_id_names_the_annotation(coco_copy, tmp_path, capsys):
+    def edit(data):
+        data["annotations"][0]["category_id"] = 7
+
+    ann = _edit_annotations(coco_copy, "train", edit)
+    first = json.loads(ann.read_text())["annotations"][0]["id"]
+    assert train_coco(coco_copy, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"annotation {first} in {ann} has category_id 7" in err
+    assert "the file's categories are [1, 2, 3]" in err
+
+
+@pytest.mark.parametrize("bbox", [[10, 10, 0, 5], [10, 10, -3, 5], [50, 50, 40, 40]])
+def test_bad_boxes_are_dropped_with_a_warning_or_refused(coco_copy, tmp_path, capsys, bbox):
+    def edit(data):
+        data["annotations"][0]["bbox"] = bbox
+
+    _edit_annotations(coco_copy, "train", edit)
+    with pytest.warns(UserWarning, match="dropped 1 box"):
+        assert train_coco(coco_copy, tmp_path, "train.max_steps=1", "checkpoint.interval=1") == 0
+    capsys.readouterr()
+    assert train_coco(coco_copy, tmp_path, "data.bad_boxes=error", "run.name=strict") == 2
+    err = capsys.readouterr().err
+    assert "1 box(es)" in err and "empty or outside their image" in err and str(bbox) in err
+
+
+def test_corrupt_image_is_found_at_start_up(coco_copy, tmp_path, capsys):
+    (coco_copy / "val" / "000003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    assert train_coco(coco_copy, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {coco_copy / 'val' / '000003.png'}" in err
+    assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()  # nothing trained
+
+
+def test_output_dir_that_is_a_file_is_named_before_anything_starts(tmp_path, data_root, capsys):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    args = ["train", "--config", DET, f"run.output_dir={blocker}", f"data.root={data_root}"]
+    assert main([*args, *FAST_DET]) == 2
+    err = capsys.readouterr().err
+    assert f"run.output_dir={str(blocker)!r}: cannot write the run folder" in err
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 10\n  lr: [0.1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:" in err and "YAML syntax error" in err
+    line, col = err.split(f"{bad}:")[1].split(":")[:2]
+    assert line.isdigit() and col.isdigit()
+
+
+def test_junk_checkpoint_files_do_not_rotate_good_ones_out(tmp_path, data_root):
+    out = tmp_path / "runs"
+    ckpts = out / "j" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "step_00000099.pt").write_text("not a checkpoint")
+    (ckpts / ".step_00000003.pt.tmp").write_bytes(b"half written")
+    args = train_args(DET, out, data_root, "j", *FAST_DET, "checkpoint.keep=1")
+    with pytest.warns(UserWarning, match="named like checkpoints that are not: step_00000099.pt"):
+        assert main(args) == 0
+    names = sorted(p.name for p in ckpts.iterdir())
+    # keep=1 kept the newest real checkpoint; the junk file did not count, and is left alone
+    assert names == ["step_00000004.pt", "step_00000099.pt"]
+    assert ".step_00000003.pt.tmp" not in names  # stale temporary file cleaned at start
+
+
+def test_warmup_longer_than_the_run_warns(tmp_path, data_root, capsys):
+    args = train_args(DET, tmp_path, data_root, "w", *FAST_DET, "train.warmup_steps=50")
+    assert main(args) == 0
+    assert "train.max_steps=4 < train.warmup_steps=50" in capsys.readouterr().err

@@ -25,6 +25,7 @@ def build_datasets(
     num_val: int,
     seed: int,
     generate: bool,
+    bad_boxes: str = "drop",
 ):
     """(train, val) datasets.  ``generate``: this process may create the shapes data
     (local rank 0; the others wait at a barrier and then find it complete)."""
@@ -38,7 +39,11 @@ def build_datasets(
         raise DataError(f"dataset root {root} (data.root) does not exist")
     if task == "detection":
         make = lambda split, train: CocoDetection(  # noqa: E731
-            root / split, root / "annotations" / f"instances_{split}.json", train=train, seed=seed
+            root / split,
+            root / "annotations" / f"instances_{split}.json",
+            train=train,
+            seed=seed,
+            bad_boxes=bad_boxes,
         )
     else:
         make = lambda split, train: IndexedImageFolder(root / split, train=train, seed=seed)  # noqa: E731
