@@ -86,6 +86,47 @@ class RunLogger:
         except Exception as e:  # noqa: BLE001
             self._disable(f"wandb table failed ({type(e).__name__}: {e})")
 
+    @property
+    def wandb_active(self) -> bool:
+        return self._wandb is not None
+
+    def log_detections(self, step: int, images, outputs, categories, score_thresh=0.3):
+        """A few validation images with their predicted boxes (wandb.Image boxes)."""
+        if self._wandb is None:
+            return
+        try:
+            import wandb
+
+            names = {i + 1: c["name"] for i, c in enumerate(categories)}
+            panels = []
+            for image, out in zip(images, outputs, strict=True):
+                boxes = [
+                    {
+                        "position": {"minX": x0, "minY": y0, "maxX": x1, "maxY": y1},
+                        "domain": "pixel",
+                        "class_id": int(label),
+                        "box_caption": f"{names.get(int(label), label)} {score:.2f}",
+                        "scores": {"score": float(score)},
+                    }
+                    for (x0, y0, x1, y1), label, score in zip(
+                        out["boxes"].tolist(),
+                        out["labels"].tolist(),
+                        out["scores"].tolist(),
+                        strict=True,
+                    )
+                    if score >= score_thresh and int(label) in names
+                ]
+                pixels = (image.permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
+                panels.append(
+                    wandb.Image(
+                        pixels,
+                        boxes={"predictions": {"box_data": boxes, "class_labels": names}},
+                    )
+                )
+            self._wandb.log({"val/predictions": panels}, step=step)
+        except Exception as e:  # noqa: BLE001
+            self._disable(f"wandb images failed ({type(e).__name__}: {e})")
+
     def close(self) -> None:
         if not self.enabled:
             return

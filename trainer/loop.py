@@ -188,7 +188,7 @@ class _Loop:
 
     def _evaluate(self) -> dict:
         cfg = self.cfg
-        return evaluate(
+        metrics = evaluate(
             self.t.net,
             self.val_ds,
             self.env,
@@ -196,6 +196,23 @@ class _Loop:
             batch=max(8, cfg.train.per_device_batch),
             workers=cfg.data.workers(self.env.local_world_size),
         )
+        if self.t.task == "detection" and self.logger.wandb_active:
+            self._log_val_images()
+        return metrics
+
+    @torch.no_grad()
+    def _log_val_images(self, n: int = 4) -> None:
+        """Rank 0 (the only rank with a wandb run): the first val images, eval mode."""
+        model = self.t.model
+        images = [self.val_ds[i][0].to(self.t.device) for i in range(min(n, len(self.val_ds)))]
+        was = model.training
+        model.eval()
+        try:
+            outputs = model(images)
+        finally:
+            model.train(was)
+        images = [im.cpu() for im in images]
+        self.logger.log_detections(self.state.step, images, outputs, self.val_ds.categories)
 
     def _preempted(self) -> dict:
         if self.checkpoints.last_saved != self.state.step:
