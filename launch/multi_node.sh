@@ -12,7 +12,9 @@ NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 
 RDZV_ID=${RDZV_ID:-normpilot}
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 # LOCAL_ADDR: this node's address for the group (default: torchrun looks it up).
-exec "$PYTHON" -m torch.distributed.run \
+# shellcheck source-path=SCRIPTDIR source=preemptible.sh
+source "$(dirname "$0")/preemptible.sh"
+run_preemptible "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID" \
   --max-restarts="$MAX_RESTARTS" ${LOCAL_ADDR:+--local-addr="$LOCAL_ADDR"} \

@@ -6,5 +6,7 @@ CONFIG=${CONFIG:-configs/shapes_det.yaml}
 PYTHON=${PYTHON:-python}
 # Default: one process per visible GPU, or 1 on a CPU-only machine.
 NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')}
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+# shellcheck source-path=SCRIPTDIR source=preemptible.sh
+source "$(dirname "$0")/preemptible.sh"
+run_preemptible "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
   -m trainer train --config "$CONFIG" "$@"

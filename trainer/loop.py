@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -225,6 +226,8 @@ class _Loop:
                 f"same command to resume",
                 flush=True,
             )
+            if marker := os.environ.get("NORMPILOT_PREEMPT_FILE"):  # launch/preemptible.sh
+                Path(marker).write_text(f"{self.state.step}\n")
         return {"stopped_at": self.state.step}
 
 
