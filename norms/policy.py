@@ -30,7 +30,15 @@ from dataclasses import asdict, dataclass, field
 from norms.group_norm import choose_groups
 from norms.registry import available_norms
 
-__all__ = ["PARTS", "NormChoice", "NormPolicy", "resolve_device", "select_norm", "sync_impl"]
+__all__ = [
+    "PARTS",
+    "NormChoice",
+    "NormPolicy",
+    "resolve_device",
+    "select_norm",
+    "sync_group_size",
+    "sync_impl",
+]
 
 PARTS = ("backbone", "neck", "head")
 SYNC_KINDS = ("syncbn", "syncbrn")
@@ -48,6 +56,12 @@ class NormPolicy:
     pretrained_backbone: bool = False
     gn_groups: int | None = None  # None: choose_groups(C) per layer
     override: Mapping[str, str | None] = field(default_factory=dict)
+    # Ranks per synchronized group: "auto" (the smallest group of consecutive ranks
+    # whose combined batch reaches min_batch, inside one node when a node can), "world",
+    # or an int dividing world_size.  local_world_size: processes per node (None: all
+    # in one node).
+    sync_group: str | int = "auto"
+    local_world_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.min_batch < 1:
@@ -62,6 +76,13 @@ class NormPolicy:
             )
         if self.gn_groups is not None and self.gn_groups < 1:
             raise ValueError(f"norm.policy.gn_groups must be >= 1 or null, got {self.gn_groups}")
+        if self.sync_group not in ("auto", "world") and not (
+            isinstance(self.sync_group, int) and self.sync_group >= 1
+        ):
+            raise ValueError(
+                f"norm.policy.sync_group must be 'auto', 'world' or a positive integer, "
+                f"got {self.sync_group!r}"
+            )
         for part, kind in self.override.items():
             if part not in PARTS:
                 raise ValueError(
@@ -81,6 +102,7 @@ class NormChoice:
     ws: bool
     impl: str  # "plain" | "portable" | "torch-fused"
     reason: str
+    sync_group_size: int = 1  # ranks whose batches one statistic covers (1: no sync)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -140,6 +162,36 @@ def _batch_rule(world_size: int, batch: int, p: NormPolicy) -> tuple[str, str]:
         f"world_size {world_size} x per_device_batch {batch} = {total} < min_batch "
         f"{p.min_batch}: synchronized Batch Renorm (even the combined batch is small)"
     )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def sync_group_size(world: int, batch: int, p: NormPolicy) -> tuple[int, str]:
+    """(ranks per synchronized group, why) for a run of ``world`` ranks of ``batch``."""
+    if p.sync_group == "world":
+        return world, "norm.policy.sync_group=world"
+    if isinstance(p.sync_group, int):
+        if world % p.sync_group:
+            raise ValueError(
+                f"norm.policy.sync_group={p.sync_group} does not divide world_size {world}; "
+                f"valid sizes: {', '.join(map(str, _divisors(world)))}"
+            )
+        return p.sync_group, f"norm.policy.sync_group={p.sync_group}"
+    local = p.local_world_size or world
+    if world % local:
+        local = world  # an uneven layout: plan as one node
+    need = -(-p.min_batch // batch)  # ranks whose batches reach min_batch
+    if need >= world:
+        return world, f"all {world} ranks ({world * batch} images)"
+    if need <= local:  # one node can: the smallest divisor of a node that does
+        size = next(d for d in _divisors(local) if d >= need)
+        where = "inside each node" if local < world else "of consecutive ranks"
+        return size, f"groups of {size} ranks ({size * batch} images) {where}"
+    nodes = world // local  # else whole nodes: the fewest that reach it
+    k = next(k for k in _divisors(nodes) if k * local >= need)
+    return k * local, f"groups of {k} nodes ({k * local} ranks, {k * local * batch} images)"
 
 
 def _describe_groups(channels: Iterable[int], p: NormPolicy) -> str:
@@ -207,4 +259,16 @@ def select_norm(
     elif part == "backbone" and p.freeze_bn:
         reason += " (freeze_bn ignored: the backbone has no pretrained weights)"
     _check_groups(kind, part, channels, p)
-    return NormChoice(part, kind, ws, sync_impl(kind, world_size, device, backend), reason)
+    impl = sync_impl(kind, world_size, device, backend)
+    size = 1
+    if kind in SYNC_KINDS and world_size > 1:
+        size, why = sync_group_size(world_size, per_device_batch, p)
+        if size == 1 and overridden is None:  # each rank's own batch is enough
+            kind, impl = "bn", "plain"
+            reason = (
+                f"per_device_batch {per_device_batch} >= min_batch {p.min_batch}: local BN "
+                f"on each of {world_size} ranks, no synchronization (a group of 1)"
+            )
+        elif size < world_size or p.sync_group != "auto":
+            reason = f"{reason.replace(' over all ranks', '')}; sync in {why}"
+    return NormChoice(part, kind, ws, impl, reason, size)

@@ -24,10 +24,18 @@ __all__ = ["main"]
 
 
 def _policy(args: argparse.Namespace) -> int:
+    import json
+
     import torch
 
     from norms import resolve_device
-    from trainer.norm_plan import format_table, graph_plan, plan_norms, precise_bn_plan
+    from trainer.norm_plan import (
+        format_table,
+        graph_plan,
+        plan_norms,
+        policy_record,
+        precise_bn_plan,
+    )
 
     cfg = load_config(args.config, args.overrides)
     if args.device:
@@ -35,16 +43,21 @@ def _policy(args: argparse.Namespace) -> int:
     device, backend = resolve_device(
         cfg.run.device, cfg.dist.backend, cuda_available=torch.cuda.is_available()
     )
-    plan = plan_norms(cfg, args.world_size, device, backend)
-    graphs = graph_plan(cfg, args.world_size, device)
+    world = args.world_size
+    local = args.nproc_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or world
+    plan = plan_norms(cfg, world, device, backend, local)
+    graphs, precise = graph_plan(cfg, world, device), precise_bn_plan(cfg, plan)
+    if args.json:  # exactly what a run with this world size writes as policy.json
+        print(json.dumps(policy_record(cfg, world, plan, graphs, precise), indent=2))
+        return 0
     accum = cfg.train.grad_accum
     print(
-        f"norm policy for {args.config} ({cfg.model.arch}): world_size {args.world_size}, "
-        f"per_device_batch {cfg.train.per_device_batch}"
+        f"norm policy for {args.config} ({cfg.model.arch}): world_size {world} "
+        f"({local} per node), per_device_batch {cfg.train.per_device_batch}"
         + (f", grad_accum {accum} (does not enlarge a norm's batch)" if accum > 1 else "")
         + f", {device}/{backend}\n"
     )
-    print(format_table(plan, graphs, precise_bn_plan(cfg, plan)))
+    print(format_table(plan, graphs, precise))
     return 0
 
 
@@ -122,8 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of processes to plan for (default: $WORLD_SIZE or 1)",
     )
     p.add_argument(
+        "--nproc-per-node",
+        type=_positive_int,
+        help="processes per node, for sync groups (default: $LOCAL_WORLD_SIZE, else the "
+        "world size)",
+    )
+    p.add_argument(
         "--device", choices=["cpu", "cuda"], help="plan for this device (default: run.device)"
     )
+    p.add_argument("--json", action="store_true", help="print the policy.json record only")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_policy)
 

@@ -180,8 +180,20 @@ class NormPolicyConfig:
     head_ws: bool = True
     freeze_bn: bool = False  # frozenbn for a backbone loaded from model.backbone_weights
     gn_groups: int | None = None  # null: choose_groups(C)
+    # Ranks per SyncBN/SyncBRN group: auto (the fewest consecutive ranks whose combined
+    # batch reaches min_batch, inside a node when one can) | world | an int dividing it
+    sync_group: Any = "auto"
 
     def __post_init__(self) -> None:
+        if self.sync_group not in ("auto", "world") and not (
+            isinstance(self.sync_group, int)
+            and not isinstance(self.sync_group, bool)
+            and self.sync_group >= 1
+        ):
+            raise ConfigError(
+                f"norm.policy.sync_group must be auto, world or an integer >= 1, "
+                f"got {self.sync_group!r}"
+            )
         _at_least("norm.policy.min_batch", self.min_batch, 1)
         _at_least("norm.policy.local_bn_batch", self.local_bn_batch, 1, allow_none=True)
         _one_of("norm.policy.head_kind", self.head_kind, ("gn", "same"))

@@ -109,19 +109,27 @@ def any_flag(env: DistEnv, *flags: bool) -> list[bool]:
 
 @torch.no_grad()
 def average_local_bn_stats(model: nn.Module, env: DistEnv) -> int:
-    """Average running stats of *local* BN-family layers across ranks (timm's
-    --dist-bn reduce), so eval and checkpoints don't depend on rank 0's shard alone.
-    Synchronized layers already agree and are skipped.  Returns the layers averaged."""
+    """Average running stats of BN-family layers across all ranks (timm's --dist-bn
+    reduce), so eval and checkpoints don't depend on rank 0's shard or group alone.
+    Returns the layers averaged."""
     if env.world_size == 1:
         return 0
-    layers = [
-        m for m in running_stat_layers(model) if not isinstance(m, (SyncBatchNorm, SyncBatchRenorm))
-    ]
+    # Synchronized layers over every rank already agree; those synchronized in smaller
+    # groups agree within their group only, so they are averaged too (eval and saved
+    # weights then do not depend on which group rank 0 sits in).
+    layers = [m for m in running_stat_layers(model) if not _synced_over_all(m, env)]
     for m in layers:
         for buf in (m.running_mean, m.running_var):
             dist.all_reduce(buf)
             buf.div_(env.world_size)
     return len(layers)
+
+
+def _synced_over_all(m: nn.Module, env: DistEnv) -> bool:
+    if not isinstance(m, (SyncBatchNorm, SyncBatchRenorm)):
+        return False
+    group = m.process_group
+    return group is None or dist.get_world_size(group) == env.world_size
 
 
 # -- local multi-process jobs (tests, benches): gloo over 127.0.0.1, never another address --

@@ -67,7 +67,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     train_ds, val_ds = load_datasets(cfg, env)
     # The policy is re-derived on every start: a restart may have another world size.
-    plan = plan_norms(cfg, env.world_size, env.device.type, env.backend)
+    plan = plan_norms(cfg, env.world_size, env.device.type, env.backend, env.local_world_size)
     graphs, precise = graph_plan(cfg, env.world_size, env.device.type), precise_bn_plan(cfg, plan)
     record = policy_record(cfg, env.world_size, plan, graphs, precise)
     if env.is_main:

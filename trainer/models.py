@@ -40,9 +40,13 @@ class ModelError(ValueError):
     pass
 
 
-def norm_kwargs(kind: str, brn: dict) -> dict:
-    """Constructor keywords the config supplies for ``kind`` (Batch Renorm's limits)."""
-    return dict(brn) if kind in ("brn", "syncbrn") else {}
+def norm_kwargs(kind: str, brn: dict, group=None) -> dict:
+    """Constructor keywords for ``kind``: Batch Renorm's settings, and the process group
+    a synchronized kind reduces over (None: every rank)."""
+    kw = dict(brn) if kind in ("brn", "syncbrn") else {}
+    if group is not None and kind in ("syncbn", "syncbrn"):
+        kw["process_group"] = group
+    return kw
 
 
 def _resnet_body(arch: str, weights: str | None, num_classes: int = 1000) -> nn.Module:
@@ -91,17 +95,20 @@ def build_model(
     fpn_channels: int = 64,
     backbone_weights: str | None = None,
     brn: dict | None = None,
+    groups: dict | None = None,
 ) -> nn.Module:
-    """``num_classes`` = object classes (detection adds the background class itself)."""
-    brn = brn or {}
+    """``num_classes`` = object classes (detection adds the background class itself).
+    ``groups``: part -> the process group its synchronized layers reduce over."""
+    brn, groups = brn or {}, groups or {}
     kinds = {part: choice.kind for part, choice in plan.items()}
+    kw = {part: norm_kwargs(kind, brn, groups.get(part)) for part, kind in kinds.items()}
     if arch.startswith("resnet"):
         model = _resnet_body(arch, backbone_weights, num_classes)
-        return convert_norms(model, kinds["backbone"], **norm_kwargs(kinds["backbone"], brn))
-    backbone = _backbone_with_fpn(arch, kinds, fpn_channels, backbone_weights, brn)
+        return convert_norms(model, kinds["backbone"], **kw["backbone"])
+    backbone = _backbone_with_fpn(arch, kinds, kw, fpn_channels, backbone_weights)
     head_choice = plan["head"]
     # gn: choose_groups(C) instead of torchvision's fixed 32, so any width works.
-    head_norm = partial(build_norm, head_choice.kind, **norm_kwargs(head_choice.kind, brn))
+    head_norm = partial(build_norm, head_choice.kind, **kw["head"])
     model = _detector(arch, backbone, num_classes + 1, fpn_channels, head_norm, image_size)
     if head_choice.ws:
         for tower in (model.head.classification_head.conv, model.head.regression_head.conv):
@@ -109,10 +116,10 @@ def build_model(
     return model
 
 
-def _backbone_with_fpn(arch, kinds, fpn_channels, weights, brn) -> BackboneWithFPN:
+def _backbone_with_fpn(arch, kinds, kw, fpn_channels, weights) -> BackboneWithFPN:
     """The ResNet body with the backbone's norms, and an FPN with the neck's."""
     body = _resnet_body(arch, weights)
-    body = convert_norms(body, kinds["backbone"], **norm_kwargs(kinds["backbone"], brn))
+    body = convert_norms(body, kinds["backbone"], **kw["backbone"])
     if kinds["backbone"] == "frozenbn":
         # A frozen-statistics backbone is a fine-tuning set-up: keep the stem fixed too,
         # as torchvision's trainable_layers=3 does.
@@ -127,7 +134,7 @@ def _backbone_with_fpn(arch, kinds, fpn_channels, weights, brn) -> BackboneWithF
         in_channels_list=[128 * expansion, 256 * expansion, 512 * expansion],
         out_channels=fpn_channels,
         extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
-        norm_layer=None if neck == "none" else partial(build_norm, neck, **norm_kwargs(neck, brn)),
+        norm_layer=None if neck == "none" else partial(build_norm, neck, **kw["neck"]),
     )
 
 

@@ -35,9 +35,11 @@ def model_parts(cfg: Config) -> dict[str, tuple[int, ...]]:
     return parts
 
 
-def norm_policy(cfg: Config) -> NormPolicy:
+def norm_policy(cfg: Config, local_world_size: int | None = None) -> NormPolicy:
     p = cfg.norm.policy
     return NormPolicy(
+        sync_group=p.sync_group,
+        local_world_size=local_world_size,
         min_batch=p.min_batch,
         local_bn_batch=p.local_bn_batch,
         head_kind=p.head_kind,
@@ -49,8 +51,16 @@ def norm_policy(cfg: Config) -> NormPolicy:
     )
 
 
-def plan_norms(cfg: Config, world_size: int, device: str, backend: str) -> dict[str, NormChoice]:
-    policy = norm_policy(cfg)
+def plan_norms(
+    cfg: Config,
+    world_size: int,
+    device: str,
+    backend: str,
+    local_world_size: int | None = None,
+) -> dict[str, NormChoice]:
+    """One decision per part; ``local_world_size`` (processes per node) keeps sync
+    groups inside a node (None: the whole world is one node)."""
+    policy = norm_policy(cfg, local_world_size)
     return {
         part: select_norm(
             world_size,
@@ -132,13 +142,16 @@ def format_table(
     graphs: GraphPlan | None = None,
     precise: PreciseBNPlan | None = None,
 ) -> str:
-    rows = [("part", "kind", "ws", "impl", "reason")]
-    rows += [(c.part, c.kind, "yes" if c.ws else "no", c.impl, c.reason) for c in plan.values()]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    rows = [("part", "kind", "ws", "impl", "group", "reason")]
+    rows += [
+        (c.part, c.kind, "yes" if c.ws else "no", c.impl, str(c.sync_group_size), c.reason)
+        for c in plan.values()
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = []
     for i, row in enumerate(rows):
         lines.append(
-            "  ".join(v.ljust(w) for v, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+            "  ".join(v.ljust(w) for v, w in zip(row[:5], widths, strict=True)) + "  " + row[5]
         )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -97,6 +98,19 @@ def loader_factory(cfg: Config, env: DistEnv, train_ds) -> LoaderFactory:
     )
 
 
+def sync_groups(plan: dict[str, NormChoice], env: DistEnv) -> dict:
+    """part -> this rank's process group for its synchronized layers, when the plan
+    syncs in groups smaller than the world (consecutive ranks: torchrun numbers the
+    ranks of a node consecutively, so a group that fits in a node stays inside it).
+    Every rank creates every group, in the same order, as torch.distributed requires."""
+    sizes = sorted({c.sync_group_size for c in plan.values() if c.sync_group_size > 1})
+    made = {}
+    for size in sizes:
+        if size < env.world_size:
+            made[size], _ = dist.new_subgroups(group_size=size)
+    return {part: made[c.sync_group_size] for part, c in plan.items() if c.sync_group_size in made}
+
+
 RECOMPILE_LIMIT = 8
 
 
@@ -123,6 +137,7 @@ def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Tr
         fpn_channels=cfg.model.fpn_channels,
         backbone_weights=cfg.model.backbone_weights,
         brn=cfg.norm.brn.layer_kwargs(cfg.train.max_steps * cfg.train.grad_accum),
+        groups=sync_groups(plan, env),
     )
     if env.device.type == "cuda":
         # cuDNN picks the fastest kernels per shape, unless the run must be reproducible.

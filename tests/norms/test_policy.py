@@ -50,8 +50,12 @@ def test_local_bn_batch_knob():
     p = NormPolicy(local_bn_batch=32)
     choice = select_norm(4, 32, policy=p)
     assert choice.kind == "bn" and "local_bn_batch 32" in choice.reason
-    assert select_norm(4, 31, policy=p).kind == "syncbn"
-    assert select_norm(4, 64).kind == "syncbn"  # off by default
+    # With sync_group=world (every rank in one group) the knob still matters:
+    world = NormPolicy(local_bn_batch=32, sync_group="world")
+    assert select_norm(4, 31, policy=world).kind == "syncbn"
+    assert select_norm(4, 64, policy=NormPolicy(sync_group="world")).kind == "syncbn"
+    # with auto groups a batch >= min_batch needs no partner at all: local BN.
+    assert select_norm(4, 64).kind == "bn" and select_norm(4, 64).sync_group_size == 1
     assert select_norm(1, 32, policy=p).kind == "bn"  # world size 1: the ordinary rule
 
 
@@ -132,3 +136,34 @@ def test_bad_input_names_field_and_value(call, match):
 def test_gn_groups_that_divide_pass():
     choice = select_norm(1, 2, "head", NormPolicy(gn_groups=16), channels=[64, 256])
     assert "16 groups of 64 channels, 16 groups of 256 channels" in choice.reason
+
+
+@pytest.mark.parametrize(
+    "world,per_node,batch,min_batch,kind,size",
+    [
+        (256, 8, 2, 16, "syncbn", 8),  # a node's 8 x 2 = 16 is enough: groups stay inside it
+        (256, 8, 4, 16, "syncbn", 4),  # 4 x 4 = 16: half a node
+        (256, 8, 3, 16, "syncbn", 8),  # 6 ranks would do; 8 is the smallest divisor of a node
+        (256, 8, 32, 16, "bn", 1),  # one rank's batch is enough: local BN, no sync
+        (64, 4, 1, 16, "syncbn", 16),  # a node holds only 4: the fewest nodes (4) that reach 16
+        (48, 4, 1, 16, "syncbn", 16),  # 4 nodes of 4, and 16 divides 48
+        (12, 4, 1, 64, "syncbrn", 12),  # even the world is below min_batch: SyncBRN over all
+        (8, 8, 2, 16, "syncbn", 8),  # one node, exactly enough
+        (2, 1, 8, 16, "syncbn", 2),  # two 1-process nodes: a group spans both
+    ],
+)
+def test_auto_sync_group_sizes(world, per_node, batch, min_batch, kind, size):
+    p = NormPolicy(min_batch=min_batch, local_world_size=per_node)
+    c = select_norm(world, batch, policy=p)
+    assert (c.kind, c.sync_group_size) == (kind, size)
+    assert size * batch >= min_batch or size == world
+
+
+def test_sync_group_world_and_explicit_sizes():
+    world = NormPolicy(sync_group="world", local_world_size=8)
+    assert select_norm(256, 2, policy=world).sync_group_size == 256
+    assert select_norm(12, 2, policy=NormPolicy(sync_group=4)).sync_group_size == 4
+    message = "sync_group=5 does not divide world_size 12; valid sizes: 1, 2, 3, 4, 6, 12"
+    with pytest.raises(ValueError, match=message):
+        select_norm(12, 2, policy=NormPolicy(sync_group=5))
+    assert select_norm(1, 2).sync_group_size == 1  # nothing to synchronize with

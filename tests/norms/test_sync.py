@@ -189,3 +189,55 @@ def test_sync_layers_accept_any_rank_above_one():
         assert layer(torch.randn(2, 3, 2, 2, 2)).shape == (2, 3, 2, 2, 2)
         with pytest.raises(ValueError, match="at least 2D"):
             layer(torch.randn(3))
+
+
+PAIR_SPLITS = [(3, 5), (2, 1)]  # 4 ranks in 2 sync groups of 2: each pair its own batch
+
+
+def _group_worker(rank, world, out_dir):
+    import torch.distributed as dist
+
+    group, _ = dist.new_subgroups(group_size=2)
+    pair, index = divmod(rank, 2)
+    split = PAIR_SPLITS[pair]
+    lo = sum(split[:index])
+    results = {}
+    for kind in ("syncbn", "syncbrn"):
+        layer = make_layer(kind)
+        layer.process_group = group
+        steps = []
+        for x, dy in full_batches(split, seed=sum(split)):
+            xr = x[lo : lo + split[index]].clone().requires_grad_()
+            layer.zero_grad()
+            y = layer(xr)
+            (y * dy[lo : lo + split[index]]).sum().backward()
+            steps.append(
+                dict(
+                    y=y.detach(),
+                    gx=xr.grad,
+                    gw=layer.weight.grad.clone(),
+                    mean=layer.running_mean.clone(),
+                    var=layer.running_var.clone(),
+                )
+            )
+        results[kind] = steps
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.dist
+def test_groups_of_two_on_four_ranks_each_equal_their_pairs_concatenated_batch(tmp_path):
+    spawn_gloo(_group_worker, 4, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    close = dict(rtol=1e-8, atol=1e-8)
+    for kind in ("syncbn", "syncbrn"):
+        for pair, split in enumerate(PAIR_SPLITS):
+            a, b = ranks[2 * pair][kind], ranks[2 * pair + 1][kind]
+            for t, ref in enumerate(reference_steps(kind, split)):
+                torch.testing.assert_close(torch.cat([a[t]["y"], b[t]["y"]]), ref["y"], **close)
+                torch.testing.assert_close(torch.cat([a[t]["gx"], b[t]["gx"]]), ref["gx"], **close)
+                torch.testing.assert_close(a[t]["gw"] + b[t]["gw"], ref["gw"], **close)
+                for r in (a[t], b[t]):
+                    torch.testing.assert_close(r["mean"], ref["mean"], **close)
+                    torch.testing.assert_close(r["var"], ref["var"], **close)
+        # The two groups really kept their own statistics.
+        assert not torch.allclose(ranks[0][kind][-1]["mean"], ranks[2][kind][-1]["mean"])

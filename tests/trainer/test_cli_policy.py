@@ -1,5 +1,6 @@
 """``python -m trainer policy``: the table it prints, run as a real subprocess."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,23 @@ def test_world_size_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["policy", "--config", DET, "--world-size", "0"])
     assert "must be >= 1, got 0" in capsys.readouterr().err
+
+
+def _json(capsys, *args):
+    assert main(["policy", "--config", DET, "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_256_gpus_sync_in_groups_of_a_node(capsys):
+    base = ["--world-size", "256", "--nproc-per-node", "8", "--device", "cpu"]
+    record = _json(capsys, *base, "train.per_device_batch=2")
+    for part in ("backbone", "neck"):
+        assert record["parts"][part]["kind"] == "syncbn"
+        assert record["parts"][part]["sync_group_size"] == 8
+    assert "groups of 8 ranks (16 images) inside each node" in record["parts"]["backbone"]["reason"]
+    assert record["parts"]["head"]["sync_group_size"] == 1
+    world = _json(capsys, *base, "train.per_device_batch=2", "norm.policy.sync_group=world")
+    assert world["parts"]["backbone"]["sync_group_size"] == 256
+    big = _json(capsys, *base, "train.per_device_batch=32")
+    assert big["parts"]["backbone"]["kind"] == "bn"
+    assert big["parts"]["backbone"]["sync_group_size"] == 1
