@@ -50,6 +50,7 @@ from trainer.training import (
     Training,
     build_training,
     capture_static_part,
+    group_layout,
     load_datasets,
     loader_factory,
 )
@@ -70,6 +71,8 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
     plan = plan_norms(cfg, env.world_size, env.device.type, env.backend, env.local_world_size)
     graphs, precise = graph_plan(cfg, env.world_size, env.device.type), precise_bn_plan(cfg, plan)
     record = policy_record(cfg, env.world_size, plan, graphs, precise)
+    if layout := group_layout(plan, env):
+        record["sync_groups"] = layout
     if env.is_main:
         print(format_table(plan, graphs, precise), flush=True)
     checkpoints = Checkpointer(

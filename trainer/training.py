@@ -4,6 +4,7 @@ AMP).  The loop takes these and nothing else from the config's set-up."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -109,6 +110,23 @@ def sync_groups(plan: dict[str, NormChoice], env: DistEnv) -> dict:
         if size < env.world_size:
             made[size], _ = dist.new_subgroups(group_size=size)
     return {part: made[c.sync_group_size] for part, c in plan.items() if c.sync_group_size in made}
+
+
+def group_layout(plan: dict[str, NormChoice], env: DistEnv) -> dict | None:
+    """Which ranks share statistics and on which node each rank runs (torchrun's
+    GROUP_RANK), for policy.json; None when nothing syncs in groups.  A collective."""
+    sizes = {c.sync_group_size for c in plan.values()} - {1, env.world_size}
+    if not sizes:
+        return None
+    nodes = [None] * env.world_size
+    dist.all_gather_object(nodes, int(os.environ.get("GROUP_RANK", "0")))
+    size = max(sizes)
+    ranks = list(range(env.world_size))
+    return {
+        "size": size,
+        "groups": [ranks[i : i + size] for i in range(0, env.world_size, size)],
+        "node_of_rank": nodes,
+    }
 
 
 RECOMPILE_LIMIT = 8

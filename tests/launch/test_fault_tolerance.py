@@ -112,6 +112,42 @@ def test_two_nodes_on_loopback_form_one_job(tmp_path, data_root, spawn):
     assert policy["world_size"] == 2 and policy["parts"]["backbone"]["kind"] == "syncbrn"
 
 
+def test_two_nodes_of_two_sync_in_groups_inside_each_node_and_resume(tmp_path, data_root, spawn):
+    """2 "nodes" x 2 processes at 2 images each, min_batch 4: the 2 ranks of a node reach
+    4 images, so SyncBN runs in groups of 2 that stay inside each node."""
+    run_dir = tmp_path / "groups"
+
+    def launch(steps: int) -> None:
+        env = script_env(
+            NNODES=2,
+            NPROC=2,
+            RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+            RDZV_ID=f"groups-{steps}",
+            MAX_RESTARTS=0,
+        )
+        extra = ["norm.policy.min_batch=4", f"train.max_steps={steps}"]
+        cmd = [str(ROOT / "launch/multi_node.sh"), *args(tmp_path, data_root, "groups", *extra)]
+        nodes = [spawn(cmd, env) for _ in range(2)]
+        logs = [n.communicate(timeout=300)[0] for n in nodes]
+        assert [n.returncode for n in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+
+    launch(2)
+    policy = json.loads((run_dir / "policy.json").read_text())
+    assert policy["world_size"] == 4
+    for part in ("backbone", "neck"):
+        assert policy["parts"][part]["kind"] == "syncbn"
+        assert policy["parts"][part]["sync_group_size"] == 2
+    layout = policy["sync_groups"]
+    assert layout["groups"] == [[0, 1], [2, 3]]
+    for group in layout["groups"]:  # each group's ranks run on one node
+        assert len({layout["node_of_rank"][r] for r in group}) == 1
+    assert len(set(layout["node_of_rank"])) == 2
+    launch(4)  # the same job, longer: it resumes from the step-2 checkpoint
+    resumes = [r for r in metrics_rows(run_dir) if r.get("event") == "resume"]
+    assert resumes == [{"step": 2, "event": "resume", "world_size": 4}]
+    assert list_checkpoints(run_dir / "checkpoints")[0].name == "step_00000004.pt"
+
+
 def test_elastic_restart_after_sigkill_resumes_from_checkpoint(tmp_path, data_root, spawn):
     run_dir = tmp_path / "el"
     env = script_env(
