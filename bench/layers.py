@@ -211,6 +211,42 @@ def _two_rank_worker(rank: int, world: int, repeats: int, out: str) -> None:
         Path(out).write_text(json.dumps(rows))
 
 
+def _four_rank_worker(rank: int, world: int, repeats: int, out: str) -> None:
+    """4 processes: SyncBN over all 4 vs in 2 groups of 2, against local BN."""
+    torch.set_num_threads(1)
+    pairs, _ = dist.new_subgroups(group_size=2)
+    rows = []
+    for shape in SHAPES:
+        c = shape[1]
+        layers = {
+            "bn": nn.BatchNorm2d(c),
+            "syncbn_world4": SyncBatchNorm(c),
+            "syncbn_groups2of4": SyncBatchNorm(c, process_group=pairs),
+        }
+        med = interleaved(layers, shape, "cpu", repeats)
+        for name, t in med.items():
+            rows.append(
+                dict(
+                    device="cpu",
+                    shape=list(shape),
+                    layer=name,
+                    ms=t * 1e3,
+                    ratio=t / med["bn"],
+                    baseline="bn (same 4 processes)",
+                )
+            )
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def bench_four_ranks(repeats: int, tmp: Path) -> list[dict]:
+    out = tmp / "four_rank.json"
+    spawn_gloo(_four_rank_worker, 4, repeats, str(out), timeout=None)
+    rows = [r for r in json.loads(out.read_text()) if r["layer"] != "bn"]
+    out.unlink()
+    return rows
+
+
 def bench_two_ranks(repeats: int, tmp: Path) -> list[dict]:
     out = tmp / "two_rank.json"
     spawn_gloo(_two_rank_worker, 2, repeats, str(out), timeout=None)
@@ -245,12 +281,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=60)
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    p.add_argument("--no-dist", action="store_true", help="skip the 2-process gloo run")
+    p.add_argument("--no-dist", action="store_true", help="skip the 2- and 4-process gloo runs")
+    p.add_argument(
+        "--groups-only",
+        action="store_true",
+        help="only the 4-process sync-group rows, merged into the existing results",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if args.groups_only:
+        saved = json.loads((args.out / "layers.json").read_text())
+        rows = [r for r in saved["rows"] if "4 processes" not in r["baseline"]]
+        rows += bench_four_ranks(max(10, args.repeats // 2), args.out)
+        return _write(rows, machine(), args.out)
 
     # A real process group of size 1, so "1 rank" exercises the sync layers' fallback.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -263,15 +309,18 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
     if not args.no_dist and "cpu" in devices:
         rows += bench_two_ranks(max(10, args.repeats // 2), args.out)
+        rows += bench_four_ranks(max(10, args.repeats // 2), args.out)
+    return _write(rows, machine(), args.out)
 
-    desc = machine()
-    (args.out / "layers.json").write_text(json.dumps({"machine": desc, "rows": rows}, indent=1))
+
+def _write(rows: list[dict], desc: str, out: Path) -> int:
+    (out / "layers.json").write_text(json.dumps({"machine": desc, "rows": rows}, indent=1))
     table = markdown(rows, desc)
-    (args.out / "layers.md").write_text(table)
+    (out / "layers.md").write_text(table)
     print(table)
     missed = [r for r in rows if (t := TARGETS.get((r["layer"], r["device"]))) and r["ratio"] > t]
     print(
-        f"results in {args.out}/layers.json and layers.md; {len(missed)} target(s) missed"
+        f"results in {out}/layers.json and layers.md; {len(missed)} target(s) missed"
         if missed
         else "all targets met"
     )
