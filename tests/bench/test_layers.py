@@ -16,3 +16,12 @@ def test_groups_only_adds_the_four_process_rows(tmp_path):
     assert len(four) == 6 and all(r["ratio"] > 0 for r in four)
     assert any(r["layer"] == "brn" for r in rows)  # the other rows are kept
     assert "syncbn_groups2of4" in (tmp_path / "layers.md").read_text()
+
+
+def test_sync_cost_model_prints_the_readme_table():
+    proc = run_bench("sync_cost_model.py", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    rows = [x for x in lines if x.startswith("| ") and "GPUs" not in x]
+    assert [r.split("|")[1].strip() for r in rows] == ["8", "64", "256", "1024"]
+    assert rows[2].rstrip(" |").endswith("51x")  # 256 GPUs: world sync vs groups of 8
