@@ -1,7 +1,8 @@
-"""Shared by the bench scripts: the machine description."""
+"""Shared by the bench scripts: the machine description, and the resumable cell store."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -26,3 +27,29 @@ def machine() -> str:
     if torch.cuda.is_available():
         desc += f"; {torch.cuda.get_device_name()}"
     return desc
+
+
+class CellStore:
+    """One JSON file per finished study cell, reused when present with the same recipe:
+    a grid that a session's end interrupts continues where it stopped."""
+
+    def __init__(self, folder: Path, name):
+        self.folder, self.name = Path(folder), name  # name(cell) -> file stem
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, cell: dict) -> Path:
+        return self.folder / f"{self.name(cell)}.json"
+
+    def get(self, cell: dict) -> dict | None:
+        path = self._path(cell)
+        if not path.is_file():
+            return None
+        row = json.loads(path.read_text())
+        return row if all(row.get(k) == v for k, v in cell.items()) else None
+
+    def put(self, row: dict) -> dict:
+        path = self._path(row)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=1) + "\n")
+        os.replace(tmp, path)
+        return row

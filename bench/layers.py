@@ -185,44 +185,25 @@ def bench_device(device: str, repeats: int) -> list[dict]:
     return rows
 
 
-def _two_rank_worker(rank: int, world: int, repeats: int, out: str) -> None:
-    torch.set_num_threads(1)  # 2 ranks share this machine's cores
-    rows = []
-    for shape in SHAPES:
-        c = shape[1]
-        layers = {
-            "bn": nn.BatchNorm2d(c),
+def _sync_layers(c: int, world: int) -> dict[str, nn.Module]:
+    """The layers timed on ``world`` gloo processes, each against local BN there."""
+    if world == 2:
+        return {
             "syncbn_2gloo": SyncBatchNorm(c),
             "syncbrn_2gloo": SyncBatchRenorm(c, warmup_steps=0),
         }
-        med = interleaved(layers, shape, "cpu", repeats)
-        for name, t in med.items():
-            rows.append(
-                dict(
-                    device="cpu",
-                    shape=list(shape),
-                    layer=name,
-                    ms=t * 1e3,
-                    ratio=t / med["bn"],
-                    baseline="bn (same 2 processes)",
-                )
-            )
-    if rank == 0:
-        Path(out).write_text(json.dumps(rows))
+    pairs, _ = dist.new_subgroups(group_size=2)  # every rank makes every group
+    return {
+        "syncbn_world4": SyncBatchNorm(c),
+        "syncbn_groups2of4": SyncBatchNorm(c, process_group=pairs),
+    }
 
 
-def _four_rank_worker(rank: int, world: int, repeats: int, out: str) -> None:
-    """4 processes: SyncBN over all 4 vs in 2 groups of 2, against local BN."""
-    torch.set_num_threads(1)
-    pairs, _ = dist.new_subgroups(group_size=2)
+def _ranks_worker(rank: int, world: int, repeats: int, out: str) -> None:
+    torch.set_num_threads(1)  # the ranks share this machine's cores
     rows = []
     for shape in SHAPES:
-        c = shape[1]
-        layers = {
-            "bn": nn.BatchNorm2d(c),
-            "syncbn_world4": SyncBatchNorm(c),
-            "syncbn_groups2of4": SyncBatchNorm(c, process_group=pairs),
-        }
+        layers = {"bn": nn.BatchNorm2d(shape[1]), **_sync_layers(shape[1], world)}
         med = interleaved(layers, shape, "cpu", repeats)
         for name, t in med.items():
             rows.append(
@@ -232,24 +213,17 @@ def _four_rank_worker(rank: int, world: int, repeats: int, out: str) -> None:
                     layer=name,
                     ms=t * 1e3,
                     ratio=t / med["bn"],
-                    baseline="bn (same 4 processes)",
+                    baseline=f"bn (same {world} processes)",
                 )
             )
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
 
 
-def bench_four_ranks(repeats: int, tmp: Path) -> list[dict]:
-    out = tmp / "four_rank.json"
-    spawn_gloo(_four_rank_worker, 4, repeats, str(out), timeout=None)
-    rows = [r for r in json.loads(out.read_text()) if r["layer"] != "bn"]
-    out.unlink()
-    return rows
-
-
-def bench_two_ranks(repeats: int, tmp: Path) -> list[dict]:
-    out = tmp / "two_rank.json"
-    spawn_gloo(_two_rank_worker, 2, repeats, str(out), timeout=None)
+def bench_ranks(world: int, repeats: int, tmp: Path) -> list[dict]:
+    """2 processes: SyncBN/SyncBRN; 4: SyncBN over all 4 vs in 2 groups of 2."""
+    out = tmp / f"ranks_{world}.json"
+    spawn_gloo(_ranks_worker, world, repeats, str(out), timeout=None)
     rows = [r for r in json.loads(out.read_text()) if r["layer"] != "bn"]
     out.unlink()
     return rows
@@ -295,7 +269,7 @@ def main(argv=None) -> int:
     if args.groups_only:
         saved = json.loads((args.out / "layers.json").read_text())
         rows = [r for r in saved["rows"] if "4 processes" not in r["baseline"]]
-        rows += bench_four_ranks(max(10, args.repeats // 2), args.out)
+        rows += bench_ranks(4, max(10, args.repeats // 2), args.out)
         return _write(rows, machine(), args.out)
 
     # A real process group of size 1, so "1 rank" exercises the sync layers' fallback.
@@ -308,8 +282,8 @@ def main(argv=None) -> int:
     finally:
         dist.destroy_process_group()
     if not args.no_dist and "cpu" in devices:
-        rows += bench_two_ranks(max(10, args.repeats // 2), args.out)
-        rows += bench_four_ranks(max(10, args.repeats // 2), args.out)
+        for world in (2, 4):
+            rows += bench_ranks(world, max(10, args.repeats // 2), args.out)
     return _write(rows, machine(), args.out)
 
 

@@ -61,7 +61,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import machine  # noqa: E402
+from common import CellStore, machine  # noqa: E402
 
 # Re-exported: the study's public face is this script.
 from study_report import CLIP_STATS, NORMS, render, report, summarize  # noqa: E402, F401
@@ -322,8 +322,7 @@ def main(argv=None) -> int:
     batches = sorted(set(args.batches), reverse=True)
     # One file per finished cell, reused when present with the same recipe: a grid that
     # a session's end interrupts continues where it stopped.
-    store = out / f"{name}_cells"
-    store.mkdir(exist_ok=True)
+    store = CellStore(out / f"{name}_cells", lambda c: f"{c['norm']}_b{c['batch']}_s{c['seed']}")
 
     t0 = time.perf_counter()
     data_path = str(
@@ -347,21 +346,21 @@ def main(argv=None) -> int:
         for b in batches
         for n in args.norms
     ]
-    rows = [r for c in cells if (r := _stored(store, c)) is not None]
-    todo = [c for c in cells if _stored(store, c) is None]
-    print(f"{len(rows)} of {len(cells)} cells already in {store}", flush=True)
+    rows = [r for c in cells if (r := store.get(c)) is not None]
+    todo = [c for c in cells if store.get(c) is None]
+    print(f"{len(rows)} of {len(cells)} cells already in {store.folder}", flush=True)
     local = [c for c in todo if c["norm"] not in SYNC]
     # One-process cells run two at a time, one thread each: on 2 cores that is about twice
     # the throughput of one run with two threads at these small batches.
     with mp.get_context("spawn").Pool(2) as pool:
         for r in pool.imap_unordered(_single, [(c, data_path) for c in local]):
-            rows.append(_store(store, r))
+            rows.append(store.put(r))
             print(_line(r), flush=True)
     # Then the 2-process cells, alone: next to the pool (4 busy processes on 2 cores) each
     # gloo collective waits for a descheduled peer and a cell takes ~7x longer.
     with tempfile.TemporaryDirectory() as tmp:
         for c in [c for c in todo if c["norm"] in SYNC]:
-            rows.append(_store(store, run_sync(c, data_path, Path(tmp))))
+            rows.append(store.put(run_sync(c, data_path, Path(tmp))))
             print(_line(rows[-1]), flush=True)
     wall = (time.perf_counter() - t0) / 60
 
@@ -375,26 +374,6 @@ def main(argv=None) -> int:
     )
     report(rows, meta, out, name, not args.no_wandb)
     return 0
-
-
-def _cell_file(store: Path, cell: dict) -> Path:
-    return store / f"{cell['norm']}_b{cell['batch']}_s{cell['seed']}.json"
-
-
-def _stored(store: Path, cell: dict) -> dict | None:
-    path = _cell_file(store, cell)
-    if not path.is_file():
-        return None
-    row = json.loads(path.read_text())
-    return row if all(row.get(k) == v for k, v in cell.items()) else None
-
-
-def _store(store: Path, row: dict) -> dict:
-    path = _cell_file(store, row)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1) + "\n")
-    os.replace(tmp, path)
-    return row
 
 
 def _line(r: dict) -> str:

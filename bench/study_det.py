@@ -35,7 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import machine  # noqa: E402
+from common import CellStore, machine  # noqa: E402
 
 from norms import NormPolicy, select_norm  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -115,26 +115,6 @@ def _sync_worker(rank: int, world: int, cell: dict, out: str) -> None:
     row = run_cell(cell, rank, world)
     if rank == 0:
         Path(out).write_text(json.dumps(row))
-
-
-def _cell_file(store: Path, cell: dict) -> Path:
-    return store / f"{cell['line']}_b{cell['batch']}_s{cell['seed']}.json"
-
-
-def _stored(store: Path, cell: dict) -> dict | None:
-    path = _cell_file(store, cell)
-    if not path.is_file():
-        return None
-    row = json.loads(path.read_text())
-    return row if all(row.get(k) == v for k, v in cell.items()) else None
-
-
-def _store(store: Path, row: dict) -> dict:
-    path = _cell_file(store, row)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1) + "\n")
-    os.replace(tmp, path)
-    return row
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -237,8 +217,7 @@ def main(argv=None) -> int:
         ap.error("--batches, --sync-batches, --seeds and --samples must be >= 1")
     out = Path(args.out)
     name = "study_det_quick" if args.quick else "study_det"
-    store = out / f"{name}_cells"
-    store.mkdir(parents=True, exist_ok=True)
+    store = CellStore(out / f"{name}_cells", lambda c: f"{c['line']}_b{c['batch']}_s{c['seed']}")
     recipe = dict(
         samples=args.samples,
         image_size=args.image_size,
@@ -254,11 +233,11 @@ def main(argv=None) -> int:
         # auto at or above min_batch is bn without precise BN: the bn cell says it.
         if not (line == "auto" and b >= args.min_batch)
     ]
-    rows = [r for c in cells if (r := _stored(store, c)) is not None]
-    print(f"{len(rows)} of {len(cells)} cells already in {store}", flush=True)
+    rows = [r for c in cells if (r := store.get(c)) is not None]
+    print(f"{len(rows)} of {len(cells)} cells already in {store.folder}", flush=True)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     for c in cells:
-        if _stored(store, c) is not None:
+        if store.get(c) is not None:
             continue
         if c["world"] == 1:
             row = run_cell(c)
@@ -266,7 +245,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 spawn_gloo(_sync_worker, 2, c, f"{tmp}/row.json", timeout=None)
                 row = json.loads(Path(f"{tmp}/row.json").read_text())
-        rows.append(_store(store, row))
+        rows.append(store.put(row))
         print(
             f"{c['line']:>8} B={c['batch']:<3} seed {c['seed']}: mAP@.5 "
             f"{100 * row['mAP50']:.1f}  mAP {100 * row['mAP']:.1f}  ({row['train_s']:.0f} s)",

@@ -56,64 +56,74 @@ def cmd_predict(args) -> int:
     """Images -> predictions.json (detection: COCO results with the dataset's category ids
     and names, plus <image>.png with the boxes drawn; classification: top-k, also as
     predictions.csv)."""
-    from trainer.inference import image_paths, load_run, predict, read_images
+    from trainer.inference import image_paths, load_run, read_images
 
     run = load_run(args.run, args.checkpoint)
     paths = image_paths(args.images)
     images = read_images(paths)
     out = Path(args.out or Path(args.run) / "predictions")
     out.mkdir(parents=True, exist_ok=True)
-    cats = run.dataset["categories"]
-    results = []
     if run.dataset["task"] == "detection":
-        from torchvision.ops import box_convert
-        from torchvision.transforms.v2.functional import to_pil_image
-        from torchvision.utils import draw_bounding_boxes
-
-        for i, (path, image, output) in enumerate(
-            zip(paths, images, predict(run, images), strict=True)
-        ):
-            keep = (output["scores"] >= args.score_thresh) & (output["labels"] > 0)
-            boxes, labels, scores = (output[k][keep] for k in ("boxes", "labels", "scores"))
-            names = [cats[int(lab) - 1]["name"] for lab in labels]
-            for box, lab, name, score in zip(
-                box_convert(boxes, "xyxy", "xywh"), labels, names, scores, strict=True
-            ):
-                results.append(
-                    {
-                        "image_id": i,
-                        "file_name": str(path),
-                        "category_id": cats[int(lab) - 1]["id"],
-                        "category_name": name,
-                        "bbox": [float(v) for v in box],
-                        "score": float(score),
-                    }
-                )
-            text = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist(), strict=True)]
-            drawn = draw_bounding_boxes((image * 255).byte(), boxes, text, colors="red")
-            to_pil_image(drawn).save(out / f"{path.stem}.png")
+        results = _detections(run, paths, images, out, args.score_thresh)
     else:
-        tops = predict(run, images, top_k=args.top_k)
-        for i, (path, top) in enumerate(zip(paths, tops, strict=True)):
+        results = _top_k(run, paths, images, out, args.top_k)
+    (out / "predictions.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{len(paths)} image(s), {len(results)} prediction(s) -> {out}/predictions.json")
+    return 0
+
+
+def _detections(run, paths, images, out: Path, score_thresh: float) -> list[dict]:
+    from torchvision.ops import box_convert
+    from torchvision.transforms.v2.functional import to_pil_image
+    from torchvision.utils import draw_bounding_boxes
+
+    from trainer.inference import predict
+
+    cats, results = run.dataset["categories"], []
+    for i, (path, image, output) in enumerate(
+        zip(paths, images, predict(run, images), strict=True)
+    ):
+        keep = (output["scores"] >= score_thresh) & (output["labels"] > 0)
+        boxes, labels, scores = (output[k][keep] for k in ("boxes", "labels", "scores"))
+        names = [cats[int(lab) - 1]["name"] for lab in labels]
+        for box, lab, name, score in zip(
+            box_convert(boxes, "xyxy", "xywh"), labels, names, scores, strict=True
+        ):
             results.append(
                 {
                     "image_id": i,
                     "file_name": str(path),
-                    "top_k": [
-                        {"class": c, "name": cats[c]["name"], "probability": p} for c, p in top
-                    ],
+                    "category_id": cats[int(lab) - 1]["id"],
+                    "category_name": name,
+                    "bbox": [float(v) for v in box],
+                    "score": float(score),
                 }
             )
-        with open(out / "predictions.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["file_name", "rank", "class", "name", "probability"])
-            for r in results:
-                for k, t in enumerate(r["top_k"], 1):
-                    p = f"{t['probability']:.6f}"
-                    w.writerow([r["file_name"], k, t["class"], t["name"], p])
-    (out / "predictions.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{len(paths)} image(s), {len(results)} prediction(s) -> {out}/predictions.json")
-    return 0
+        text = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist(), strict=True)]
+        drawn = draw_bounding_boxes((image * 255).byte(), boxes, text, colors="red")
+        to_pil_image(drawn).save(out / f"{path.stem}.png")
+    return results
+
+
+def _top_k(run, paths, images, out: Path, k: int) -> list[dict]:
+    from trainer.inference import predict
+
+    cats = run.dataset["categories"]
+    results = [
+        {
+            "image_id": i,
+            "file_name": str(path),
+            "top_k": [{"class": c, "name": cats[c]["name"], "probability": p} for c, p in top],
+        }
+        for i, (path, top) in enumerate(zip(paths, predict(run, images, top_k=k), strict=True))
+    ]
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "rank", "class", "name", "probability"])
+        for r in results:
+            for rank, t in enumerate(r["top_k"], 1):
+                w.writerow([r["file_name"], rank, t["class"], t["name"], f"{t['probability']:.6f}"])
+    return results
 
 
 def cmd_export(args) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 from norms import NormChoice
 from trainer.checkpoint import CheckpointError, load_latest
 from trainer.config import Config, ConfigError, load_config
-from trainer.models import build_model
+from trainer.training import model_from_config
 
 __all__ = ["Run", "load_run", "read_images", "predict"]
 
@@ -60,14 +60,7 @@ def load_run(
         part: NormChoice(part, p["kind"], p["ws"], "plain", p["reason"])
         for part, p in ckpt["policy"]["parts"].items()
     }
-    model = build_model(
-        cfg.model.arch,
-        cfg.model.num_classes,
-        plan,
-        image_size=cfg.data.image_size,
-        fpn_channels=cfg.model.fpn_channels,
-        brn=cfg.norm.brn.layer_kwargs(cfg.train.max_steps * cfg.train.grad_accum),
-    )
+    model = model_from_config(cfg, plan)  # the checkpoint holds every weight
     model.load_state_dict(ckpt["model"])
     dataset = ckpt.get("dataset") or {
         "task": cfg.model.task,

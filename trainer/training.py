@@ -22,7 +22,7 @@ from trainer.distributed import DistEnv, any_flag
 from trainer.models import build_model
 from trainer.optim import build_optimizer, build_scheduler, scaled_lr
 
-__all__ = ["Training", "build_training", "load_datasets", "loader_factory"]
+__all__ = ["Training", "build_training", "load_datasets", "loader_factory", "model_from_config"]
 
 
 @dataclass
@@ -146,17 +146,22 @@ def compile_static_part(model: nn.Module, task: str, backend: str) -> None:
     (model.backbone if task == "detection" else model).compile(backend=backend)
 
 
-def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Training:
-    model = build_model(
+def model_from_config(cfg: Config, plan: dict[str, NormChoice], groups=None, weights=None):
+    """The configured model with ``plan``'s norms (training and inference build it here)."""
+    return build_model(
         cfg.model.arch,
         cfg.model.num_classes,
         plan,
         image_size=cfg.data.image_size,
         fpn_channels=cfg.model.fpn_channels,
-        backbone_weights=cfg.model.backbone_weights,
+        backbone_weights=weights,
         brn=cfg.norm.brn.layer_kwargs(cfg.train.max_steps * cfg.train.grad_accum),
-        groups=sync_groups(plan, env),
+        groups=groups,
     )
+
+
+def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Training:
+    model = model_from_config(cfg, plan, sync_groups(plan, env), cfg.model.backbone_weights)
     if env.device.type == "cuda":
         # cuDNN picks the fastest kernels per shape, unless the run must be reproducible.
         torch.backends.cudnn.benchmark = not cfg.run.deterministic
