@@ -194,3 +194,30 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # When one rank dies, every other rank's next collective fails with a transport
+        # error ("Connection closed by peer", ...).  Those ranks say so in one line; the
+        # rank that failed first printed the real cause (its traceback).
+        if os.environ.get("RANK") is None or not _peer_gone(e):
+            raise
+        print(
+            f"error (rank {os.environ['RANK']}): stopped because another rank failed "
+            f"(see the first error above)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+_PEER_GONE = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "connection refused",
+    "socket closed",
+    "nccl communicator was aborted",
+)
+
+
+def _peer_gone(e: BaseException) -> bool:
+    text = f"{type(e).__name__}: {e}".lower()
+    return "distbackenderror" in text or any(s in text for s in _PEER_GONE)

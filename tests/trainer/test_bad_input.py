@@ -197,3 +197,27 @@ def test_warmup_longer_than_the_run_warns(tmp_path, data_root, capsys):
     args = train_args(DET, tmp_path, data_root, "w", *FAST_DET, "train.warmup_steps=50")
     assert main(args) == 0
     assert "train.max_steps=4 < train.warmup_steps=50" in capsys.readouterr().err
+
+
+def test_a_rank_whose_peer_died_says_one_line(monkeypatch, capsys, tmp_path, data_root):
+    import torch.distributed as dist
+
+    def peer_died(cfg, env):
+        raise dist.DistBackendError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    monkeypatch.setattr("trainer.loop.train", peer_died)
+    monkeypatch.setenv("RANK", "1")
+    assert main(train_args(DET, tmp_path, data_root, "peer", *FAST_DET)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = "error (rank 1): stopped because another rank failed (see the first error above)"
+    assert err == [expected]
+
+
+def test_the_failing_rank_keeps_its_traceback(monkeypatch, tmp_path, data_root):
+    def broken(cfg, env):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr("trainer.loop.train", broken)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(train_args(DET, tmp_path, data_root, "oom", *FAST_DET))
