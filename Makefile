@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train demo test lint bench study clean
+.PHONY: install train demo test lint bench study study-det clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,9 +34,13 @@ bench: $(STAMP)
 	$(PY) bench/layers.py
 	$(PY) bench/speed.py
 
-# The small-batch study: the default grid (~33 min on 2 cores); `--quick` runs in make test.
+# The small-batch studies; both keep one file per finished cell and continue where they
+# stopped.  `--quick` versions run in make test.
 study: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py
+
+study-det: $(STAMP)
+	$(PY) bench/study_det.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results/wandb bench/results/*_quick.*
