@@ -159,7 +159,11 @@ def _after_training(sub) -> None:
     from trainer import commands
 
     def run_args(p, overrides=False):
-        p.add_argument("--run", required=True, help="a run folder, e.g. runs/shapes_det")
+        # --run-dir: the same; under torchrun write that one, since torchrun reads
+        # "--run" as an abbreviation of its own --run-path.
+        p.add_argument(
+            "--run", "--run-dir", dest="run", required=True, help="a run folder (runs/NAME)"
+        )
         p.add_argument("--checkpoint", help="a checkpoint file (default: newest valid)")
         if overrides:
             p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

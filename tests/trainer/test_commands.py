@@ -217,3 +217,17 @@ def test_runs_lists_every_run_and_the_console_script_works(runs):
     assert lines[0].split()[:4] == ["run", "step", "checkpoint", "last"]
     det = next(x for x in lines if x.startswith("cls ") or x.startswith("det "))
     assert "step_00000004.pt" in det and "backbone:" in det
+
+
+@pytest.mark.dist
+def test_eval_under_torchrun_shards_the_val_set_and_agrees(runs):
+    from tests.helpers import run, torchrun_cmd
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["eval", "--run", str(runs / "det")]) == 0
+    single = json.loads((runs / "det" / "eval.json").read_text())["metrics"]
+    # --run-dir: torchrun would take "--run" for its own --run-path
+    run(torchrun_cmd(2, "-m", "trainer", "eval", "--run-dir", str(runs / "det")), timeout=300)
+    record = json.loads((runs / "det" / "eval.json").read_text())
+    assert record["metrics"] == pytest.approx(single)  # 2 shards, the same 8 images
+    assert record["metrics"]["images"] == 8
