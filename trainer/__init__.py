@@ -1,4 +1,5 @@
-"""normpilot's training service: ``python -m trainer train|policy``.
+"""normpilot's training service: ``normpilot`` (= ``python -m trainer``) train, policy,
+eval, predict, export, runs.
 
 config.py (typed config) -> norm_plan.py (the norm policy per model part) -> training.py
 (datasets, model, DDP, optimizer) -> loop.py (``train``) with checkpoint.py, evaluate.py
