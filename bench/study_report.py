@@ -69,6 +69,8 @@ def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
             kind = select_norm(world, b, policy=NormPolicy(min_batch=min_batch)).kind
             if kind not in cells or b not in cells[kind]:
                 continue
+            if world == 2 and kind not in TWO_PROCESS:
+                continue  # local BN on 2 processes: no 2-process cell measured it
             precise = b < min_batch and all("acc_precise" in r for r in by_cell[kind, b])
             if precise:
                 auto[b] = {**cells[f"{kind}+pbn"][b], "kind": kind, "precise": True}

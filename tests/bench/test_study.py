@@ -75,7 +75,8 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
     entries = {(c["norm"], c["batch"], c["world"]): c for c in result["cells"]}
     assert ("gn_ws", 2, 1) in entries and ("syncbn", 16, 2) in entries
     assert entries["auto", 2, 1]["picked"] == "brn+precise_bn"
-    assert entries["auto", 16, 2]["picked"] == "syncbn"
+    # Two processes: local BN at 16 (no partner needed), SyncBRN at 2: neither was run.
+    assert not [k for k in entries if k[0] == "auto" and k[2] == 2]
     for c in result["cells"]:
         assert c["seeds"] == [0] and len(c["values"]) == 1 and 0 <= c["values"][0] <= 100
     table = (out / "study_quick.md").read_text()
@@ -107,7 +108,7 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
     relabelled = [{**r, "norm": "syncbrn"} for r in runs if r["norm"] == "syncbn"]
     extra.write_text(json.dumps({"meta": result["meta"], "runs": relabelled}))
     once = render(out / "study_quick.json", extra, out=tmp_path / "merged")
-    assert "| SyncBRN (2 procs) |" in once and "(syncbrn)" in once and "(syncbn)" in once
+    assert "| SyncBRN (2 procs) |" in once and "(syncbrn)" in once
     twice = render(tmp_path / "merged" / "study_quick.json", extra, out=tmp_path / "twice")
     assert twice == once
 
@@ -124,10 +125,10 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
     assert logged.get("runs/_type") == "table-file"
     assert logged.get("plot/_type") == "image-file"
     # wandb stores a custom line chart as its data table, one row per (line, batch):
-    # bn, brn, gn, syncbn, their three precise-BN lines and the two policy lines, at
-    # B=16 and B=2.
+    # bn, brn, gn, syncbn, their three precise-BN lines and the one-process policy line,
+    # at B=16 and B=2.
     assert logged.get("accuracy_vs_batch_table/_type") == "table-file"
-    assert logged.get("accuracy_vs_batch_table/nrows") == 9 * 2
+    assert logged.get("accuracy_vs_batch_table/nrows") == 8 * 2
 
     # Finished cells are kept one file each; a rerun reuses them and trains nothing.
     assert len(list((out / "study_quick_cells").glob("*.json"))) == 8
@@ -155,12 +156,9 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     cells = study.summarize(rows, [16, 8, 4], min_batch=16)
     # One process: BN from min_batch up, Batch Renorm below.
     assert {b: c["kind"] for b, c in cells["auto"].items()} == {16: "bn", 8: "brn", 4: "brn"}
-    # Two processes: SyncBN while 2 x B >= min_batch, synchronized Batch Renorm below.
-    assert {b: c["kind"] for b, c in cells["auto2"].items()} == {
-        16: "syncbn",
-        8: "syncbn",
-        4: "syncbrn",
-    }
+    # Two processes: local BN at 16 (a rank's own batch is enough; no 2-process cell),
+    # SyncBN while 2 x B >= min_batch, synchronized Batch Renorm below.
+    assert {b: c["kind"] for b, c in cells["auto2"].items()} == {8: "syncbn", 4: "syncbrn"}
     assert cells["auto2"][4]["mean"] == pytest.approx(0.504)
     assert cells["auto"][8]["mean"] == pytest.approx(0.208)
     # Without 2-process cells there is no 2-process line.
