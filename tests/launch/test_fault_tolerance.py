@@ -75,10 +75,12 @@ def spawn():
 
 
 def workers_of(launcher: subprocess.Popen) -> list[int]:
-    out = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True
-    ).stdout
-    return [int(p) for p in out.split()]
+    """The training processes under a launcher script (bash -> torchrun -> workers)."""
+    return [
+        p
+        for p in descendants(launcher.pid)
+        if "trainer" in cmdline(p) and "torch.distributed.run" not in cmdline(p)
+    ]
 
 
 def test_single_node_two_processes(tmp_path, data_root):

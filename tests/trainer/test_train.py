@@ -42,7 +42,7 @@ def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
         "neck": "brn",
         "head": "gn",
     }
-    assert set(policy["parts"]["head"]) == {"kind", "ws", "impl", "reason"}
+    assert set(policy["parts"]["head"]) == {"kind", "ws", "impl", "reason", "sync_group_size"}
     metrics = metrics_rows(run_dir)
     steps = [r for r in metrics if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
