@@ -12,9 +12,18 @@ Rules, in order of precedence (``part`` is backbone, neck or head):
 3. head with ``head_kind="gn"``: GroupNorm (+ Weight Standardization when ``head_ws``);
 4. world_size > 1 and per_device_batch >= ``local_bn_batch`` (off by default): local BN on
    each rank, no all-reduce;
-5. world_size == 1: ``bn`` if per_device_batch >= min_batch else ``brn``;
-   world_size > 1: ``syncbn`` if world_size * per_device_batch >= min_batch else
-   ``syncbrn``.
+5. the batch rule.  Enough samples share the statistics (per_device_batch >= min_batch on
+   one process, world_size * per_device_batch >= min_batch on several): ``bn`` /
+   ``syncbn`` (in groups of ranks just large enough, see ``sync_group_size``).  Too few:
+   ``small_batch``, by default GroupNorm + Weight Standardization (``gn_ws``), which has
+   no batch statistics to get wrong; a backbone loaded from pretrained BN weights gets
+   ``frozenbn`` instead (GN cannot reuse BN statistics).  ``small_batch="brn"`` restores
+   Batch Renorm / synchronized Batch Renorm there.
+
+Why GN + WS and not Batch Renorm below min_batch: in this project's own studies
+(bench/results/study_cls.md, study_det.md), Batch Renorm, with the paper's schedule,
+momentum 0.01 and precise-BN recalibration included, was never the best norm at any batch
+size, and GN + WS was the best or within noise of it at every batch below min_batch.
 
 ``per_device_batch`` is the number of samples in one forward pass of one process.
 Gradient accumulation runs several such passes before a step; each normalizes its own
@@ -62,6 +71,10 @@ class NormPolicy:
     # in one node).
     sync_group: str | int = "auto"
     local_world_size: int | None = None
+    # Below min_batch: "gn" (GroupNorm, + WS on the part's convs when gn_ws) or "brn"
+    # (Batch Renorm; synchronized on several ranks).
+    small_batch: str = "gn"
+    gn_ws: bool = True
 
     def __post_init__(self) -> None:
         if self.min_batch < 1:
@@ -73,6 +86,10 @@ class NormPolicy:
         if self.head_kind not in ("gn", "same"):
             raise ValueError(
                 f"norm.policy.head_kind must be 'gn' or 'same', got {self.head_kind!r}"
+            )
+        if self.small_batch not in ("gn", "brn"):
+            raise ValueError(
+                f"norm.policy.small_batch must be 'gn' or 'brn', got {self.small_batch!r}"
             )
         if self.gn_groups is not None and self.gn_groups < 1:
             raise ValueError(f"norm.policy.gn_groups must be >= 1 or null, got {self.gn_groups}")
@@ -148,19 +165,28 @@ def _batch_rule(world_size: int, batch: int, p: NormPolicy) -> tuple[str, str]:
     if world_size == 1:
         if batch >= p.min_batch:
             return "bn", f"world_size 1, per_device_batch {batch} >= min_batch {p.min_batch}: BN"
-        return "brn", (
-            f"world_size 1, per_device_batch {batch} < min_batch {p.min_batch}: Batch Renorm "
-            f"(corrects noisy batch statistics with running ones)"
-        )
+        why = f"world_size 1, per_device_batch {batch} < min_batch {p.min_batch}"
+        if p.small_batch == "brn":
+            return "brn", f"{why}: Batch Renorm (norm.policy.small_batch=brn)"
+        return "gn", f"{why}: {_small_batch_gn(p)}"
     total = world_size * batch
     if total >= p.min_batch:
         return "syncbn", (
             f"world_size {world_size} x per_device_batch {batch} = {total} >= min_batch "
             f"{p.min_batch}: SyncBN over all ranks"
         )
-    return "syncbrn", (
-        f"world_size {world_size} x per_device_batch {batch} = {total} < min_batch "
-        f"{p.min_batch}: synchronized Batch Renorm (even the combined batch is small)"
+    why = f"world_size {world_size} x per_device_batch {batch} = {total} < min_batch {p.min_batch}"
+    if p.small_batch == "brn":
+        return "syncbrn", f"{why}: synchronized Batch Renorm (norm.policy.small_batch=brn)"
+    return "gn", f"{why}, even combined: {_small_batch_gn(p)}"
+
+
+def _small_batch_gn(p: NormPolicy) -> str:
+    """Why the small-batch pick is GroupNorm: the studies' verdict, in the table's words."""
+    ws = " + Weight Standardization" if p.gn_ws else ""
+    return (
+        f"GroupNorm{ws}, no batch statistics (Batch Renorm won no cell of the small-batch "
+        f"studies; norm.policy.small_batch=brn brings it back)"
     )
 
 
@@ -234,8 +260,6 @@ def select_norm(
         )
     if part not in PARTS:
         raise ValueError(f"unknown part={part!r}; parts are {', '.join(PARTS)}")
-    ws = p.head_ws and part == "head"
-
     kind, reason = _batch_rule(world_size, per_device_batch, p)
     overridden = p.override.get(part)
     if overridden is not None:
@@ -253,11 +277,23 @@ def select_norm(
         kind = "gn"
         reason = (
             f"head: GroupNorm ({_describe_groups(channels, p)})"
-            f"{' + Weight Standardization' if ws else ''}, independent of the batch size "
+            f"{' + Weight Standardization' if p.head_ws else ''}, independent of the batch size "
             f"(norm.policy.head_kind=gn)"
+        )
+    elif part == "backbone" and p.pretrained_backbone and kind == "gn":
+        kind, reason = (
+            "frozenbn",
+            (
+                f"{reason.split(':')[0]}, and the backbone is loaded from pretrained BN "
+                "weights that GroupNorm cannot reuse: FrozenBatchNorm keeps their "
+                "statistics (what detectron2 and torchvision do for small-batch detection)"
+            ),
         )
     elif part == "backbone" and p.freeze_bn:
         reason += " (freeze_bn ignored: the backbone has no pretrained weights)"
+    # WS goes with GroupNorm (Qiao et al. 2019): on the head's convs per head_ws, and on
+    # a backbone's or neck's convs whenever that part gets GN (gn_ws).
+    ws = p.head_ws if part == "head" else (kind == "gn" and p.gn_ws)
     _check_groups(kind, part, channels, p)
     impl = sync_impl(kind, world_size, device, backend)
     size = 1

@@ -178,6 +178,10 @@ class NormPolicyConfig:
     local_bn_batch: int | None = None  # keep local BN at/above this per-device batch
     head_kind: str = "gn"  # gn | same
     head_ws: bool = True
+    # Below min_batch: gn (GroupNorm; WS on the part's convs when gn_ws) | brn (Batch
+    # Renorm, synchronized on several ranks).  gn won the studies (bench/results).
+    small_batch: str = "gn"
+    gn_ws: bool = True
     freeze_bn: bool = False  # frozenbn for a backbone loaded from model.backbone_weights
     gn_groups: int | None = None  # null: choose_groups(C)
     # Ranks per SyncBN/SyncBRN group: auto (the fewest consecutive ranks whose combined
@@ -197,6 +201,7 @@ class NormPolicyConfig:
         _at_least("norm.policy.min_batch", self.min_batch, 1)
         _at_least("norm.policy.local_bn_batch", self.local_bn_batch, 1, allow_none=True)
         _one_of("norm.policy.head_kind", self.head_kind, ("gn", "same"))
+        _one_of("norm.policy.small_batch", self.small_batch, ("gn", "brn"))
         _at_least("norm.policy.gn_groups", self.gn_groups, 1, allow_none=True)
 
 

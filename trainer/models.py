@@ -3,8 +3,11 @@
 * classification: a torchvision ResNet; its BN layers are the ``backbone`` part.
 * detection: FCOS or RetinaNet on a ResNet + FPN.  ``backbone`` = the ResNet body,
   ``neck`` = the FPN (torchvision builds it without norms; we give it the policy's), and
-  ``head`` = the detection head's conv towers (torchvision uses GroupNorm(32) there),
-  whose convs are weight-standardized when the policy says ws.
+  ``head`` = the detection head's conv towers (torchvision uses GroupNorm(32) there).
+
+A part's convs that feed its norm layers are weight-standardized when the policy says ws
+(GroupNorm + WS, Qiao et al. 2019): the head's towers, and the ResNet body's and the FPN's
+convs when those parts get GroupNorm.  The FPN's P6/P7 convs feed no norm and stay plain.
 
 Pretrained weights load only from a local path (``model.backbone_weights``); nothing is
 downloaded.  Model building takes plain arguments, not the config object.
@@ -104,8 +107,14 @@ def build_model(
     kw = {part: norm_kwargs(kind, brn, groups.get(part)) for part, kind in kinds.items()}
     if arch.startswith("resnet"):
         model = _resnet_body(arch, backbone_weights, num_classes)
-        return convert_norms(model, kinds["backbone"], **kw["backbone"])
+        model = convert_norms(model, kinds["backbone"], **kw["backbone"])
+        return convert_convs_to_ws(model) if plan["backbone"].ws else model
     backbone = _backbone_with_fpn(arch, kinds, kw, fpn_channels, backbone_weights)
+    if plan["backbone"].ws:
+        convert_convs_to_ws(backbone.body)
+    if plan["neck"].ws:
+        for blocks in (backbone.fpn.inner_blocks, backbone.fpn.layer_blocks):
+            convert_convs_to_ws(blocks)
     head_choice = plan["head"]
     # gn: choose_groups(C) instead of torchvision's fixed 32, so any width works.
     head_norm = partial(build_norm, head_choice.kind, **kw["head"])

@@ -8,19 +8,58 @@ from norms import PARTS, NormPolicy, select_norm
     [
         (1, 16, "bn"),
         (1, 64, "bn"),
-        (1, 15, "brn"),
-        (1, 1, "brn"),
+        (1, 15, "gn"),
+        (1, 1, "gn"),
         (8, 2, "syncbn"),  # 16 >= 16
         (2, 8, "syncbn"),
         (64, 1, "syncbn"),
-        (2, 7, "syncbrn"),  # 14 < 16
-        (3, 5, "syncbrn"),
+        (2, 7, "gn"),  # 14 < 16
+        (3, 5, "gn"),
     ],
 )
 @pytest.mark.parametrize("part", ["backbone", "neck"])
 def test_default_table_backbone_and_neck(world, batch, expected, part):
     choice = select_norm(world, batch, part)
-    assert (choice.kind, choice.ws, choice.part) == (expected, False, part)
+    # Weight Standardization goes with GroupNorm, never with a BN-family kind.
+    assert (choice.kind, choice.ws, choice.part) == (expected, expected == "gn", part)
+
+
+@pytest.mark.parametrize(
+    "world,batch,expected",
+    [(1, 15, "brn"), (1, 1, "brn"), (2, 7, "syncbrn"), (3, 5, "syncbrn"), (1, 16, "bn")],
+)
+def test_small_batch_brn_restores_batch_renorm(world, batch, expected):
+    choice = select_norm(world, batch, policy=NormPolicy(small_batch="brn"))
+    assert (choice.kind, choice.ws) == (expected, False)
+    if expected != "bn":
+        assert "norm.policy.small_batch=brn" in choice.reason
+
+
+def test_small_batch_gn_says_why_and_gn_ws_knob():
+    choice = select_norm(1, 2)
+    assert "GroupNorm + Weight Standardization" in choice.reason
+    assert "Batch Renorm won no cell of the small-batch studies" in choice.reason
+    plain = select_norm(1, 2, "neck", NormPolicy(gn_ws=False))
+    assert (plain.kind, plain.ws) == ("gn", False)
+    assert "Weight Standardization" not in plain.reason
+    # gn_ws is about backbone/neck; the head keeps its own head_ws
+    assert select_norm(1, 2, "head", NormPolicy(gn_ws=False)).ws is True
+    # an override to gn gets WS too; to a BN kind, never
+    assert select_norm(1, 2, policy=NormPolicy(override={"backbone": "gn"})).ws is True
+    assert select_norm(1, 2, policy=NormPolicy(override={"backbone": "brn"})).ws is False
+
+
+def test_pretrained_backbone_below_min_batch_keeps_its_bn_statistics():
+    p = NormPolicy(pretrained_backbone=True)
+    choice = select_norm(1, 2, "backbone", p)
+    assert (choice.kind, choice.ws) == ("frozenbn", False)
+    assert "pretrained BN weights that GroupNorm cannot reuse" in choice.reason
+    assert select_norm(1, 2, "neck", p).kind == "gn"  # the FPN has no pretrained weights
+    assert select_norm(1, 32, "backbone", p).kind == "bn"
+    assert (
+        select_norm(1, 2, "backbone", NormPolicy(pretrained_backbone=True, small_batch="brn")).kind
+        == "brn"
+    )
 
 
 @pytest.mark.parametrize("world,batch", [(1, 1), (1, 64), (8, 2), (2, 4)])
@@ -41,9 +80,9 @@ def test_reasons_carry_the_numbers():
 def test_min_batch_knob():
     p = NormPolicy(min_batch=4)
     assert select_norm(1, 4, policy=p).kind == "bn"
-    assert select_norm(1, 3, policy=p).kind == "brn"
+    assert select_norm(1, 3, policy=p).kind == "gn"
     assert select_norm(2, 2, policy=p).kind == "syncbn"
-    assert select_norm(8, 2, policy=NormPolicy(min_batch=32)).kind == "syncbrn"
+    assert select_norm(8, 2, policy=NormPolicy(min_batch=32)).kind == "gn"
 
 
 def test_local_bn_batch_knob():
@@ -61,7 +100,7 @@ def test_local_bn_batch_knob():
 
 def test_head_kind_same_and_head_ws():
     p = NormPolicy(head_kind="same", head_ws=False)
-    assert (select_norm(1, 2, "head", p).kind, select_norm(1, 2, "head", p).ws) == ("brn", False)
+    assert (select_norm(1, 2, "head", p).kind, select_norm(1, 2, "head", p).ws) == ("gn", False)
     assert select_norm(8, 4, "head", p).kind == "syncbn"
     assert select_norm(1, 2, "head", NormPolicy(head_ws=False)).ws is False
 
@@ -147,7 +186,7 @@ def test_gn_groups_that_divide_pass():
         (256, 8, 32, 16, "bn", 1),  # one rank's batch is enough: local BN, no sync
         (64, 4, 1, 16, "syncbn", 16),  # a node holds only 4: the fewest nodes (4) that reach 16
         (48, 4, 1, 16, "syncbn", 16),  # 4 nodes of 4, and 16 divides 48
-        (12, 4, 1, 64, "syncbrn", 12),  # even the world is below min_batch: SyncBRN over all
+        (12, 4, 1, 64, "gn", 1),  # even the world is below min_batch: GroupNorm, no sync
         (8, 8, 2, 16, "syncbn", 8),  # one node, exactly enough
         (2, 1, 8, 16, "syncbn", 2),  # two 1-process nodes: a group spans both
     ],
@@ -156,7 +195,7 @@ def test_auto_sync_group_sizes(world, per_node, batch, min_batch, kind, size):
     p = NormPolicy(min_batch=min_batch, local_world_size=per_node)
     c = select_norm(world, batch, policy=p)
     assert (c.kind, c.sync_group_size) == (kind, size)
-    assert size * batch >= min_batch or size == world
+    assert size * batch >= min_batch or kind == "gn"
 
 
 def test_sync_group_world_and_explicit_sizes():

@@ -51,7 +51,7 @@ def test_issue_example_8_ranks_batch_2_as_subprocess():
 
 @pytest.mark.parametrize(
     "world,batch,backbone",
-    [("1", "32", "bn"), ("1", "2", "brn"), ("2", "4", "syncbrn"), ("64", "2", "syncbn")],
+    [("1", "32", "bn"), ("1", "2", "gn"), ("2", "4", "gn"), ("64", "2", "syncbn")],
 )
 def test_world_sizes(capsys, world, batch, backbone):
     assert (
@@ -76,6 +76,7 @@ def test_cuda_plan_uses_fused_syncbn_and_accumulation_does_not_count(capsys):
                 "cuda",
                 "train.per_device_batch=2",
                 "train.grad_accum=8",
+                "norm.policy.small_batch=brn",
             ]
         )
         == 0

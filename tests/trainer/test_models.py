@@ -17,7 +17,7 @@ def norms_in(module, cls):
 
 @pytest.mark.parametrize("arch", ["fcos_resnet18_fpn", "retinanet_resnet18_fpn"])
 def test_detector_parts_get_their_norms(arch):
-    model = build_model(arch, 3, plan(1, 2), image_size=64, fpn_channels=48)
+    model = build_model(arch, 3, plan(1, 2, small_batch="brn"), image_size=64, fpn_channels=48)
     body, fpn, head = model.backbone.body, model.backbone.fpn, model.head
     assert len(norms_in(body, BatchRenorm2d)) == 20 and not norms_in(body, nn.BatchNorm2d)
     assert len(norms_in(fpn, BatchRenorm2d)) == 6  # 3 lateral + 3 output convs
@@ -31,6 +31,34 @@ def test_detector_parts_get_their_norms(arch):
     targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1])}] * 2
     losses = model(images, targets)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def convs(module):
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_small_batch_default_gn_with_ws_on_body_and_fpn():
+    model = build_model("fcos_resnet18_fpn", 3, plan(1, 2), image_size=64, fpn_channels=32)
+    body, fpn = model.backbone.body, model.backbone.fpn
+    assert len(norms_in(body, nn.GroupNorm)) == 20 and not norms_in(body, nn.BatchNorm2d)
+    assert len(norms_in(fpn, nn.GroupNorm)) == 6
+    # every conv that feeds a GroupNorm is standardized: the body's 20 (stem, blocks,
+    # downsamples) and the FPN's 3 lateral + 3 output convs; P6/P7 feed none.
+    assert len(convs(body)) == 20 and all(type(c) is WSConv2d for c in convs(body))
+    fpn_ws = [c for c in convs(fpn) if type(c) is WSConv2d]
+    assert len(fpn_ws) == 6 and all(type(c) is nn.Conv2d for c in convs(fpn.extra_blocks))
+    model.train()
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1])}] * 2
+    assert all(torch.isfinite(v) for v in model(images, targets).values())
+    plain = build_model("fcos_resnet18_fpn", 3, plan(1, 2, gn_ws=False), image_size=64)
+    assert not norms_in(plain.backbone, WSConv2d) and norms_in(plain.head, WSConv2d)
+
+
+def test_small_batch_classifier_is_gn_with_ws():
+    model = build_model("resnet18", 3, {"backbone": select_norm(1, 2)}, image_size=32)
+    assert len(norms_in(model, nn.GroupNorm)) == 20
+    assert all(type(c) is WSConv2d for c in convs(model)) and type(model.fc) is nn.Linear
 
 
 def test_multi_gpu_plan_and_overrides():

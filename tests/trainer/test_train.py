@@ -155,10 +155,12 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_root
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("batch,kind", [(4, "syncbrn"), (8, "syncbn")])
-def test_torchrun_two_processes(tmp_path, data_root, batch, kind):
+@pytest.mark.parametrize(
+    "batch,kind,policy", [(4, "syncbrn", ["norm.policy.small_batch=brn"]), (8, "syncbn", [])]
+)
+def test_torchrun_two_processes(tmp_path, data_root, batch, kind, policy):
     out = tmp_path / "runs"
-    extra = [f"train.per_device_batch={batch}", "data.num_train=32", "train.max_steps=2"]
+    extra = [f"train.per_device_batch={batch}", "data.num_train=32", "train.max_steps=2", *policy]
     run(torchrun_cmd(2, *train_cmd(DET, out, data_root, "ddp", *FAST_DET, *extra)[1:]))
     policy = json.loads((out / "ddp" / "policy.json").read_text())
     assert policy["world_size"] == 2
@@ -170,7 +172,10 @@ def test_torchrun_two_processes(tmp_path, data_root, batch, kind):
 @pytest.mark.dist
 def test_resume_two_processes_then_one(tmp_path, data_root):
     out = tmp_path / "runs"
-    args = train_cmd(DET, out, data_root, "ws", *FAST_DET, "train.per_device_batch=4")[1:]
+    # small_batch=brn: the synchronized BN-family state (running stats, BRN's step count)
+    # is what has to survive the change of world size.
+    extra = ["train.per_device_batch=4", "norm.policy.small_batch=brn"]
+    args = train_cmd(DET, out, data_root, "ws", *FAST_DET, *extra)[1:]
     run(torchrun_cmd(2, *args, "train.max_steps=2"))
     assert (
         json.loads((out / "ws" / "policy.json").read_text())["parts"]["backbone"]["kind"]
