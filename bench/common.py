@@ -47,6 +47,10 @@ class CellStore:
         row = json.loads(path.read_text())
         return row if all(row.get(k) == v for k, v in cell.items()) else None
 
+    def all(self) -> list[dict]:
+        """Every stored cell, whatever grid wrote it."""
+        return [json.loads(p.read_text()) for p in sorted(self.folder.glob("*.json"))]
+
     def put(self, row: dict) -> dict:
         path = self._path(row)
         tmp = path.with_suffix(".tmp")

@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 from common import CellStore, machine  # noqa: E402
 
 # Re-exported: the study's public face is this script.
-from study_report import CLIP_STATS, NORMS, render, report, summarize  # noqa: E402, F401
+from study_report import CLIP_STATS, NORMS, render, report, schema, summarize  # noqa: E402, F401
 
 from norms import (  # noqa: E402
     convert_convs_to_ws,
@@ -363,6 +363,9 @@ def main(argv=None) -> int:
             rows.append(store.put(run_sync(c, data_path, Path(tmp))))
             print(_line(rows[-1]), flush=True)
     wall = (time.perf_counter() - t0) / 60
+    # The report covers every stored cell of this recipe, not only this grid's: extra
+    # seeds or 2-process lines run by another invocation (see the README) join it.
+    rows = [r for r in store.all() if r["norm"] in NORMS and _same_recipe(r, common)]
 
     meta = dict(
         date=date.today().isoformat(),
@@ -371,9 +374,14 @@ def main(argv=None) -> int:
         **common,  # the recipe every cell was trained with
         min_batch=args.min_batch,
         wall_min=wall,
+        train_min=sum(r["train_s"] for r in rows) / 60,
     )
     report(rows, meta, out, name, not args.no_wandb)
     return 0
+
+
+def _same_recipe(row: dict, recipe: dict) -> bool:
+    return all(row.get(k) == v for k, v in recipe.items())
 
 
 def _line(r: dict) -> str:

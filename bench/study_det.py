@@ -10,20 +10,27 @@ images, 1,000 training / 200 validation images, the same number of training samp
 every cell (``--samples``, so a smaller batch takes more, smaller steps; warm-up is a
 tenth of the steps), and the trainer's linear learning-rate scaling with the batch.
 
-Lines: ``bn``, ``brn`` (the backbone and FPN forced to that kind; the head is the
-policy's GroupNorm + WS everywhere; no precise BN), ``gn_ws`` (GroupNorm in the backbone
-and FPN too; WS stays on the head's convs), ``auto`` (the policy's choice, precise BN
-included where it turns it on), and ``syncbn`` / ``syncbrn`` on 2 processes of B each.
+Lines: ``bn``, ``brn`` (the backbone and FPN forced to that kind, Batch Renorm with the
+trainer's ``norm.brn`` defaults, which its cells record; the head is the policy's
+GroupNorm + WS everywhere; no precise BN), ``gn_ws`` (GroupNorm + Weight Standardization
+in the backbone and FPN too), ``auto`` (the policy's choice, precise BN included where it
+turns it on), and ``syncbn`` / ``syncbrn`` on 2 processes of B each.
+
+An ``auto`` cell whose resolved plan (each part's kind, WS and sync group, and precise
+BN) is that of another line's cell at the same batch and seed would be the same run, so
+it is not run again: it takes that cell's numbers and says which (``same_as``).
+
 Each finished cell is one JSON file in ``<out>/study_det_cells/``, reused when present
-with the same recipe.  Writes ``study_det.json`` (the issue's schema; metric mAP@.5,
-with mAP@[.5:.95] beside it) and ``study_det.md``.
+with the same recipe.  One-process cells run ``--jobs`` at a time, one thread each.
+Writes ``study_det.json`` (the issue's schema; metric mAP@.5, with mAP@[.5:.95] beside
+it) and ``study_det.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -32,15 +39,18 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import CellStore, machine  # noqa: E402
 
-from norms import NormPolicy, select_norm  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config import BatchRenormConfig, load_config  # noqa: E402
 from trainer.distributed import DistEnv, spawn_gloo  # noqa: E402
 from trainer.loop import train  # noqa: E402
+from trainer.norm_plan import plan_norms, precise_bn_plan  # noqa: E402
+
+CONFIG = ROOT / "configs" / "shapes_det.yaml"
 
 LINES = ("bn", "brn", "gn_ws", "auto", "syncbn", "syncbrn")
 SYNC = ("syncbn", "syncbrn")
@@ -90,9 +100,19 @@ def overrides(cell: dict, out_dir: str) -> list[str]:
     ]
 
 
+def plan_signature(cell: dict) -> tuple:
+    """What a cell trains with, resolved: per part (kind, WS, sync group size), and
+    whether precise BN runs.  Two cells with equal signatures (and batch, seed, recipe)
+    are the same run."""
+    cfg = load_config(CONFIG, overrides(cell, "unused"))
+    plan = plan_norms(cfg, cell["world"], "cpu", "gloo")
+    parts = tuple((p, c.kind, c.ws, c.sync_group_size) for p, c in sorted(plan.items()))
+    return parts, precise_bn_plan(cfg, plan).enabled
+
+
 def run_cell(cell: dict, rank: int = 0, world: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(ROOT / "configs" / "shapes_det.yaml", overrides(cell, tmp))
+        cfg = load_config(CONFIG, overrides(cell, tmp))
         env = DistEnv(rank, world, rank, torch.device("cpu"), "gloo", world)
         t0 = time.perf_counter()
         final = train(cfg, env)
@@ -105,9 +125,15 @@ def run_cell(cell: dict, rank: int = 0, world: int = 1) -> dict:
         "mAP50": final["mAP50"],
         "mAP": final["mAP"],
         "kinds": kinds,
+        "ws": {part: p["ws"] for part, p in policy["parts"].items()},
         "precise_bn": policy["precise_bn"]["enabled"],
         "train_s": time.perf_counter() - t0,
     }
+
+
+def _single(cell: dict) -> dict:
+    torch.set_num_threads(1)
+    return run_cell(cell)
 
 
 def _sync_worker(rank: int, world: int, cell: dict, out: str) -> None:
@@ -126,7 +152,10 @@ def summarize(rows: list[dict]) -> dict:
         c["map50"].append(100 * r["mAP50"])
         c["map"].append(100 * r["mAP"])
         # What the backbone (and FPN) trained with; the head is GN + WS in every line.
-        c["picked"] = r["kinds"]["backbone"] + ("+precise_bn" if r["precise_bn"] else "")
+        ws = "+ws" if r.get("ws", {}).get("backbone") else ""
+        c["picked"] = r["kinds"]["backbone"] + ws + ("+precise_bn" if r["precise_bn"] else "")
+        if r.get("same_as"):
+            c["same_as"] = r["same_as"]
     for c in cells.values():
         for k in ("map50", "map"):
             c[f"{k}_mean"] = statistics.fmean(c[k])
@@ -147,6 +176,8 @@ def schema(cells: dict) -> dict:
         }
         if line == "auto":
             entry["picked"] = c["picked"]
+            if "same_as" in c:
+                entry["same_as"] = c["same_as"]
         out.append(entry)
     return {"metric": "COCO mAP@.5 (%); values_map_50_95: mAP@[.5:.95] (%)", "cells": out}
 
@@ -170,7 +201,8 @@ def markdown(cells: dict, meta: dict) -> str:
                     row.append("–")
                     continue
                 text = f"{c[f'{key}_mean']:.1f} ± {c[f'{key}_std']:.1f}"
-                row.append(f"{text} ({c['picked']})" if line == "auto" else text)
+                same = f", = {c['same_as']}" if "same_as" in c else ""
+                row.append(f"{text} ({c['picked']}{same})" if line == "auto" else text)
             lines.append(f"| {line} | " + " | ".join(row) + " |")
     lines += ["", "auto against the best one-process line, mAP@.5, paired by seed:", ""]
     lines += ["| B | auto | best | paired difference | bar | met |", "|---|---|---|---|---|---|"]
@@ -195,6 +227,14 @@ def markdown(cells: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _report(row: dict) -> None:
+    print(
+        f"{row['line']:>8} B={row['batch']:<3} seed {row['seed']}: mAP@.5 "
+        f"{100 * row['mAP50']:.1f}  mAP {100 * row['mAP']:.1f}  ({row['train_s']:.0f} s)",
+        flush=True,
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -206,7 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--num-train", type=int, default=1000)
     ap.add_argument("--num-val", type=int, default=200)
-    ap.add_argument("--min-batch", type=int, default=16)
+    ap.add_argument("--jobs", type=int, default=2, help="one-process cells run at once")
     ap.add_argument("--data-root", default=str(ROOT / "data" / "shapes"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
@@ -225,36 +265,48 @@ def main(argv=None) -> int:
         num_val=args.num_val,
         data_root=args.data_root,
     )
+    brn = dataclasses.asdict(BatchRenormConfig())  # recorded: a new default reruns the cells
     cells = [
-        dict(line=line, batch=b, world=2 if line in SYNC else 1, seed=s, **recipe)
+        dict(
+            line=line,
+            batch=b,
+            world=2 if line in SYNC else 1,
+            seed=s,
+            **recipe,
+            **({"brn": brn} if line in ("brn", "syncbrn") else {}),
+        )
         for s in range(args.seeds)
         for line in args.lines
         for b in (args.sync_batches if line in SYNC else args.batches)
-        # auto at or above min_batch is bn without precise BN: the bn cell says it.
-        if not (line == "auto" and b >= args.min_batch)
     ]
-    rows = [r for c in cells if (r := store.get(c)) is not None]
-    print(f"{len(rows)} of {len(cells)} cells already in {store.folder}", flush=True)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # auto cells that resolve to another line's plan are that line's run (see above)
+    same_as = {}
+    for c in (c for c in cells if c["line"] == "auto"):
+        twins = [o for o in cells if o["line"] != "auto" and o["batch"] == c["batch"]]
+        twins = [o for o in twins if o["seed"] == c["seed"] and o["world"] == 1]
+        sig = plan_signature(c)
+        match = next((o for o in twins if plan_signature(o) == sig), None)
+        if match is not None:
+            same_as[id(c)] = match
+    runs = [c for c in cells if id(c) not in same_as]
+    rows = [r for c in runs if (r := store.get(c)) is not None]
+    print(f"{len(rows)} of {len(runs)} cells already in {store.folder}", flush=True)
+    todo = [c for c in runs if store.get(c) is None]
+    with mp.get_context("spawn").Pool(max(1, args.jobs)) as pool:
+        for row in pool.imap_unordered(_single, [c for c in todo if c["world"] == 1]):
+            rows.append(store.put(row))
+            _report(row)
+    # 2-process cells alone: next to other runs each gloo collective waits for a
+    # descheduled peer.
+    torch.set_num_threads(1)
+    for c in (c for c in todo if c["world"] > 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            spawn_gloo(_sync_worker, 2, c, f"{tmp}/row.json", timeout=None)
+            rows.append(store.put(json.loads(Path(f"{tmp}/row.json").read_text())))
+        _report(rows[-1])
     for c in cells:
-        if store.get(c) is not None:
-            continue
-        if c["world"] == 1:
-            row = run_cell(c)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                spawn_gloo(_sync_worker, 2, c, f"{tmp}/row.json", timeout=None)
-                row = json.loads(Path(f"{tmp}/row.json").read_text())
-        rows.append(store.put(row))
-        print(
-            f"{c['line']:>8} B={c['batch']:<3} seed {c['seed']}: mAP@.5 "
-            f"{100 * row['mAP50']:.1f}  mAP {100 * row['mAP']:.1f}  ({row['train_s']:.0f} s)",
-            flush=True,
-        )
-    # auto at B >= min_batch: the policy picks BN (without precise BN), i.e. the bn cell.
-    for r in [r for r in rows if r["line"] == "bn" and r["batch"] >= args.min_batch]:
-        if select_norm(1, r["batch"], policy=NormPolicy(min_batch=args.min_batch)).kind == "bn":
-            rows.append({**r, "line": "auto"})
+        if id(c) in same_as and (twin := store.get(same_as[id(c)])) is not None:
+            rows.append({**twin, "line": "auto", "same_as": twin["line"]})
     summary = summarize(rows)
     meta = dict(
         date=date.today().isoformat(), machine=machine(), seeds=list(range(args.seeds)), **recipe

@@ -19,15 +19,16 @@ LABELS = {
     "gn": "GN + WS",
     "syncbn": "SyncBN (2 procs)",
     "syncbrn": "SyncBRN (2 procs)",
+    "gn2": "GN + WS (2 procs = 1 proc at 2B)",
     "auto": "auto policy (1 proc)",
     "auto2": "auto policy (2 procs)",
 }
-LINES = (*NORMS, *(f"{n}+pbn" for n in NORMS), "auto", "auto2")
+LINES = (*NORMS, "gn2", *(f"{n}+pbn" for n in NORMS), "auto", "auto2")
 LABELS.update({f"{n}+pbn": f"{LABELS[n]} + precise BN" for n in NORMS})
 # Line names in the issue's JSON schema (study_cls.json): gn is GroupNorm + WS, and the
 # 2-process policy line is "auto" at world 2.
-SCHEMA_NORM = {"gn": "gn_ws", "auto2": "auto"}
-TWO_PROCESS = ("syncbn", "syncbrn", "auto2")
+SCHEMA_NORM = {"gn": "gn_ws", "gn2": "gn_ws", "auto2": "auto"}
+TWO_PROCESS = ("syncbn", "syncbrn", "gn2", "auto2")
 # Batch Renorm's per-layer diagnostics (norms.batch_renorm renorm_stats) kept per run.
 CLIP_STATS = ("r_dev", "r_clipped", "d_abs", "d_clipped")
 
@@ -60,6 +61,13 @@ def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
             c["loss_std"] = statistics.stdev(c["losses"]) if len(c["losses"]) > 1 else 0.0
             if c.get("clips"):
                 c["clip"] = {k: statistics.fmean(x[k] for x in c["clips"]) for k in c["clips"][0]}
+    # GroupNorm on 2 processes of B is the 1-process GN run at 2B: the same samples per
+    # step (a 2-process step slices the 1-process one), the same initial weights, a
+    # per-sample norm, and DDP's mean gradient is the 2B batch's.  So it is not run twice.
+    if "gn" in cells:
+        doubled = {b: cells["gn"][2 * b] for b in batches if 2 * b in cells["gn"]}
+        if doubled:
+            cells["gn2"] = doubled
     # The policy's pick at each batch size, for 1 process and for the 2-process cells,
     # with precise BN where the policy turns it on (a BatchNorm-family kind below
     # min_batch) and the runs measured it.
@@ -67,11 +75,15 @@ def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
         auto = {}
         for b in batches:
             kind = select_norm(world, b, policy=NormPolicy(min_batch=min_batch)).kind
+            if world == 2 and kind == "gn":
+                kind = "gn2"
             if kind not in cells or b not in cells[kind]:
                 continue
             if world == 2 and kind not in TWO_PROCESS:
                 continue  # local BN on 2 processes: no 2-process cell measured it
-            precise = b < min_batch and all("acc_precise" in r for r in by_cell[kind, b])
+            precise = b < min_batch and all(
+                "acc_precise" in r for r in by_cell.get((kind, b), [{}])
+            )
             if precise:
                 auto[b] = {**cells[f"{kind}+pbn"][b], "kind": kind, "precise": True}
             else:
@@ -109,8 +121,11 @@ def schema(cells: dict) -> dict:
                 "seeds": c["seeds"],
                 "values": [100 * a for a in c["accs"]],
             }
+            if line == "gn2":
+                entry["same_as"] = f"gn_ws, world 1, batch {2 * b}"
             if line.startswith("auto"):
-                entry["picked"] = c["kind"] + ("+precise_bn" if c["precise"] else "")
+                kind = "gn" if c["kind"] == "gn2" else c["kind"]
+                entry["picked"] = kind + ("+precise_bn" if c["precise"] else "")
             out.append(entry)
     return {"metric": "validation accuracy (%), eval with running statistics", "cells": out}
 
@@ -184,10 +199,15 @@ def markdown(cells: dict, batches: list[int], meta: dict) -> str:
         f"({meta['image_size']} px, {meta['num_train']} train / {meta['num_val']} val images), "
         f"{meta['samples']} training samples per run, {meta['optimizer']} lr {meta['lr']} at "
         f"batch {meta['ref_batch']} with {meta['lr_scaling']} scaling, mean ± std over "
-        f"{meta['seeds']} seed(s), evaluated with running statistics. B = per-device batch "
-        f"(SyncBN: 2 processes x B). {meta['date']}, {meta['machine']}, "
-        f"{meta['wall_min']:.1f} min"
+        f"{_seed_counts(cells, batches)}, evaluated with running statistics. B = per-device "
+        f"batch (2 procs: 2 processes x B). {meta['date']}, {meta['machine']}; "
+        f"{meta['wall_min']:.1f} min for this invocation"
         + "".join(f" + {m:.1f} min ({k})" for k, m in meta.get("merged_wall_min", {}).items())
+        + (
+            f", {meta['train_min']:.0f} min of training summed over all cells"
+            if "train_min" in meta
+            else ""
+        )
         + ".",
         "",
         "Validation accuracy (%):",
@@ -227,6 +247,24 @@ def markdown(cells: dict, batches: list[int], meta: dict) -> str:
                 f"{100 * c['d_clipped']:.1f}% ({100 * c['d_clipped_worst_layer']:.1f}%) |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _seed_counts(cells: dict, batches: list[int]) -> str:
+    """How many seeds the measured cells have, e.g. "5 seeds (3 at B=4, 2)"."""
+    counts: dict[int, set[int]] = {}
+    for norm in NORMS:
+        for b, c in cells.get(norm, {}).items():
+            counts.setdefault(len(c["seeds"]), set()).add(b)
+    if not counts:
+        return "0 seeds"
+    most = max(counts)
+    text = f"{most} seed{'s' if most > 1 else ''}"
+    fewer = [
+        f"{n} at some lines' B={', '.join(map(str, sorted(bs, reverse=True)))}"
+        for n, bs in sorted(counts.items(), reverse=True)
+        if n != most
+    ]
+    return text + (f" ({'; '.join(fewer)})" if fewer else "")
 
 
 def plot(cells: dict, batches: list[int], path: Path, title: str) -> None:
@@ -321,7 +359,7 @@ def report(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) 
         batches,
         out / f"{name}.png",
         f"SmallResNet on shapes ({meta['image_size']} px), {meta['samples']} samples per run, "
-        f"{meta['seeds']} seed(s); eval with running statistics",
+        f"{_seed_counts(summary, batches)}; eval with running statistics",
     )
     if use_wandb:
         folder = log_wandb(summary, rows, batches, out, out / f"{name}.png", meta)

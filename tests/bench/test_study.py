@@ -60,12 +60,12 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
         assert 0.0 <= r["acc"] <= 1.0 and r["val_loss"] > 0
         assert r["steps"] == 256 // (r["batch"] * r["world_size"])
         assert r["world_size"] == (2 if r["norm"] == "syncbn" else 1)
-    # The auto line is the policy's pick for one process: BN at 16, Batch Renorm at 2,
-    # where the policy also turns precise BN on (2 < min_batch 16).
+    # The auto line is the policy's pick for one process: BN at 16, GroupNorm + WS at 2
+    # (no BatchNorm-family layer, so no precise BN).
     summary = result["summary"]
     assert summary["auto"]["16"]["kind"] == "bn" and not summary["auto"]["16"]["precise"]
-    assert summary["auto"]["2"]["kind"] == "brn" and summary["auto"]["2"]["precise"]
-    assert summary["auto"]["2"]["mean"] == summary["brn+pbn"]["2"]["mean"]
+    assert summary["auto"]["2"]["kind"] == "gn" and not summary["auto"]["2"]["precise"]
+    assert summary["auto"]["2"]["mean"] == summary["gn"]["2"]["mean"]
     assert summary["auto"]["16"]["mean"] == summary["bn"]["16"]["mean"]
     # Every BatchNorm-family run was also evaluated after precise BN; GN runs were not.
     for r in runs:
@@ -74,8 +74,9 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
     assert result["metric"].startswith("validation accuracy")
     entries = {(c["norm"], c["batch"], c["world"]): c for c in result["cells"]}
     assert ("gn_ws", 2, 1) in entries and ("syncbn", 16, 2) in entries
-    assert entries["auto", 2, 1]["picked"] == "brn+precise_bn"
-    # Two processes: local BN at 16 (no partner needed), SyncBRN at 2: neither was run.
+    assert entries["auto", 2, 1]["picked"] == "gn"
+    # Two processes: local BN at 16 (no partner needed), GN at 2 (= 1 process at 4, not
+    # run here): no 2-process policy cell.
     assert not [k for k in entries if k[0] == "auto" and k[2] == 2]
     for c in result["cells"]:
         assert c["seeds"] == [0] and len(c["values"]) == 1 and 0 <= c["values"][0] <= 100
@@ -84,7 +85,7 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
         assert label in table
     assert "B=16" in table and "B=2" in table
     assert "Validation cross-entropy" in table
-    assert "| Batch Renorm + precise BN |" in table and "(brn + precise BN)" in table
+    assert "| Batch Renorm + precise BN |" in table and "| 2.0 (gn) |" not in table
     assert "The policy against the best line in each cell" in table
     # Batch Renorm runs carry their clip diagnostics; no other run does.
     for r in runs:
@@ -108,7 +109,7 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
     relabelled = [{**r, "norm": "syncbrn"} for r in runs if r["norm"] == "syncbn"]
     extra.write_text(json.dumps({"meta": result["meta"], "runs": relabelled}))
     once = render(out / "study_quick.json", extra, out=tmp_path / "merged")
-    assert "| SyncBRN (2 procs) |" in once and "(syncbrn)" in once
+    assert "| SyncBRN (2 procs) |" in once and "| SyncBRN (2 procs) |" not in table
     twice = render(tmp_path / "merged" / "study_quick.json", extra, out=tmp_path / "twice")
     assert twice == once
 
@@ -154,13 +155,20 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
         for s in (0, 1)
     ]
     cells = study.summarize(rows, [16, 8, 4], min_batch=16)
-    # One process: BN from min_batch up, Batch Renorm below.
-    assert {b: c["kind"] for b, c in cells["auto"].items()} == {16: "bn", 8: "brn", 4: "brn"}
+    # One process: BN from min_batch up, GroupNorm + WS below.
+    assert {b: c["kind"] for b, c in cells["auto"].items()} == {16: "bn", 8: "gn", 4: "gn"}
     # Two processes: local BN at 16 (a rank's own batch is enough; no 2-process cell),
-    # SyncBN while 2 x B >= min_batch, synchronized Batch Renorm below.
-    assert {b: c["kind"] for b, c in cells["auto2"].items()} == {8: "syncbn", 4: "syncbrn"}
-    assert cells["auto2"][4]["mean"] == pytest.approx(0.504)
-    assert cells["auto"][8]["mean"] == pytest.approx(0.208)
+    # SyncBN while 2 x B >= min_batch, GroupNorm below, read from the 1-process GN cell
+    # at 2 x B (the same run).
+    assert {b: c["kind"] for b, c in cells["auto2"].items()} == {8: "syncbn", 4: "gn2"}
+    assert cells["auto2"][4]["mean"] == pytest.approx(0.308)
+    assert cells["auto"][8]["mean"] == pytest.approx(0.308)
+    assert cells["gn2"] == {8: cells["gn"][16], 4: cells["gn"][8]}
+    schema = {(c["norm"], c["batch"], c["world"]): c for c in study.schema(cells)["cells"]}
+    assert schema["auto", 4, 2]["picked"] == "gn" and schema["gn_ws", 4, 2]["values"] == [30.8] * 2
+    # With small_batch=brn's kinds the study would read the synchronized Batch Renorm
+    # cells instead: they are measured lines of their own.
+    assert cells["syncbrn"][4]["mean"] == pytest.approx(0.504)
     # Without 2-process cells there is no 2-process line.
     local = study.summarize([r for r in rows if r["norm"] in ("bn", "brn")], [16, 8, 4], 16)
-    assert "auto2" not in local and set(local["auto"]) == {16, 8, 4}
+    assert "auto2" not in local and set(local["auto"]) == {16}  # no GN cells: no pick below

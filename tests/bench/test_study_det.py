@@ -7,21 +7,27 @@ from tests.helpers import run_bench
 
 def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
-    args = ["--quick", "--lines", "bn", "auto", "syncbn", "--out", out, "--data-root", data]
+    lines = ["bn", "gn_ws", "auto", "syncbn"]
+    args = ["--quick", "--lines", *lines, "--out", out, "--data-root", data]
     proc = run_bench("study_det.py", *args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "study_det_quick.json").read_text())
     assert result["metric"].startswith("COCO mAP@.5")
     got = {(c["norm"], c["batch"], c["world"]): c for c in result["cells"]}
-    one = {(n, b, 1) for n in ("bn", "auto") for b in (4, 2)}
+    one = {(n, b, 1) for n in ("bn", "gn_ws", "auto") for b in (4, 2)}
     assert set(got) == one | {("syncbn", 2, 2)}
-    # The policy at batch 2 and 4 on one process: Batch Renorm backbone with precise BN.
-    assert got["auto", 2, 1]["picked"] == "brn+precise_bn"
+    # The policy at batch 2 and 4 on one process: GroupNorm + WS, i.e. the gn_ws line's
+    # plan, so auto takes those runs instead of repeating them.
+    for b in (4, 2):
+        assert got["auto", b, 1]["picked"] == "gn+ws"
+        assert got["auto", b, 1]["same_as"] == "gn_ws"
+        assert got["auto", b, 1]["values"] == got["gn_ws", b, 1]["values"]
     for c in result["cells"]:
         assert c["seeds"] == [0]
         assert all(0 <= v <= 100 for v in c["values"] + c["values_map_50_95"])
     runs = {(r["line"], r["batch"]): r for r in result["runs"]}
     assert runs["bn", 2]["kinds"]["backbone"] == "bn" and not runs["bn", 2]["precise_bn"]
+    assert runs["gn_ws", 2]["ws"] == {"backbone": True, "neck": True, "head": True}
     assert runs["syncbn", 2]["world"] == 2 and runs["syncbn", 2]["kinds"]["neck"] == "syncbn"
     table = (out / "study_det_quick.md").read_text()
     assert "mAP@[.5:.95] (%)" in table and "paired by seed" in table
