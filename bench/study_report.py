@@ -19,7 +19,7 @@ LABELS = {
     "gn": "GN + WS",
     "syncbn": "SyncBN (2 procs)",
     "syncbrn": "SyncBRN (2 procs)",
-    "gn2": "GN + WS (2 procs = 1 proc at 2B)",
+    "gn2": "GN + WS (2 procs)",
     "auto": "auto policy (1 proc)",
     "auto2": "auto policy (2 procs)",
 }
@@ -29,6 +29,8 @@ LABELS.update({f"{n}+pbn": f"{LABELS[n]} + precise BN" for n in NORMS})
 # 2-process policy line is "auto" at world 2.
 SCHEMA_NORM = {"gn": "gn_ws", "gn2": "gn_ws", "auto2": "auto"}
 TWO_PROCESS = ("syncbn", "syncbrn", "gn2", "auto2")
+# 2-process line -> the 1-process line whose cell at 2B is the same training run.
+TWIN = {"syncbn": "bn", "syncbrn": "brn", "gn2": "gn"}
 # Batch Renorm's per-layer diagnostics (norms.batch_renorm renorm_stats) kept per run.
 CLIP_STATS = ("r_dev", "r_clipped", "d_abs", "d_clipped")
 
@@ -61,13 +63,20 @@ def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
             c["loss_std"] = statistics.stdev(c["losses"]) if len(c["losses"]) > 1 else 0.0
             if c.get("clips"):
                 c["clip"] = {k: statistics.fmean(x[k] for x in c["clips"]) for k in c["clips"][0]}
-    # GroupNorm on 2 processes of B is the 1-process GN run at 2B: the same samples per
-    # step (a 2-process step slices the 1-process one), the same initial weights, a
-    # per-sample norm, and DDP's mean gradient is the 2B batch's.  So it is not run twice.
-    if "gn" in cells:
-        doubled = {b: cells["gn"][2 * b] for b in batches if 2 * b in cells["gn"]}
-        if doubled:
-            cells["gn2"] = doubled
+    # A 2-process cell of B trains exactly like the 1-process cell of 2B: the same samples
+    # per step (a 2-process step slices the 1-process one, flips included), the same
+    # initial weights, DDP's mean gradient is the 2B batch's, and SyncBN / SyncBRN / GN
+    # normalize over the same 2B samples (tests/bench/test_study.py checks the weights
+    # agree).  So where a 2-process line was not run, it is read from the 1-process
+    # cell at 2B, marked "same_as".
+    for two, one in TWIN.items():
+        for suffix in ("", "+pbn"):
+            src, dst = cells.get(one + suffix, {}), cells.setdefault(two + suffix, {})
+            for b in batches:
+                if b not in dst and 2 * b in src:
+                    dst[b] = {**src[2 * b], "same_as": f"{one}{suffix}, 1 process, B={2 * b}"}
+            if not dst:
+                del cells[two + suffix]
     # The policy's pick at each batch size, for 1 process and for the 2-process cells,
     # with precise BN where the policy turns it on (a BatchNorm-family kind below
     # min_batch) and the runs measured it.
@@ -81,9 +90,7 @@ def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
                 continue
             if world == 2 and kind not in TWO_PROCESS:
                 continue  # local BN on 2 processes: no 2-process cell measured it
-            precise = b < min_batch and all(
-                "acc_precise" in r for r in by_cell.get((kind, b), [{}])
-            )
+            precise = b < min_batch and b in cells.get(f"{kind}+pbn", {})
             if precise:
                 auto[b] = {**cells[f"{kind}+pbn"][b], "kind": kind, "precise": True}
             else:
@@ -121,8 +128,8 @@ def schema(cells: dict) -> dict:
                 "seeds": c["seeds"],
                 "values": [100 * a for a in c["accs"]],
             }
-            if line == "gn2":
-                entry["same_as"] = f"gn_ws, world 1, batch {2 * b}"
+            if "same_as" in c:
+                entry["same_as"] = c["same_as"]
             if line.startswith("auto"):
                 kind = "gn" if c["kind"] == "gn2" else c["kind"]
                 entry["picked"] = kind + ("+precise_bn" if c["precise"] else "")
@@ -184,10 +191,12 @@ def _table(cells: dict, batches: list[int], fmt) -> list[str]:
             if c is None:
                 row.append("–")
                 continue
+            mark = " *" if "same_as" in c else ""
             if norm.startswith("auto"):
-                row.append(f"{fmt(c)} ({c['kind']}{' + precise BN' if c['precise'] else ''})")
+                kind = "gn" if c["kind"] == "gn2" else c["kind"]
+                row.append(f"{fmt(c)}{mark} ({kind}{' + precise BN' if c['precise'] else ''})")
             else:
-                row.append(fmt(c))
+                row.append(fmt(c) + mark)
         lines.append(f"| {LABELS[norm]} | " + " | ".join(row) + " |")
     return lines
 
@@ -213,6 +222,11 @@ def markdown(cells: dict, batches: list[int], meta: dict) -> str:
         "Validation accuracy (%):",
         "",
         *_table(cells, batches, lambda c: f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"),
+        "",
+        "\\* a 2-process cell of B read from the 1-process cell of 2B, the same training run "
+        "(same samples per step, initial weights and mean gradient; SyncBN, SyncBRN and GN "
+        "normalize the same 2B samples): tests/bench/test_study.py checks the trained weights "
+        "agree.",
         "",
         "Validation cross-entropy:",
         "",

@@ -33,14 +33,18 @@ def cell(norm: str, batch: int) -> dict:
     )
 
 
-def test_syncbn_two_processes_train_like_bn_at_twice_the_batch(tiny_data, tmp_path):
-    sync = study.run_sync(cell("syncbn", 4), tiny_data, tmp_path)
-    single = study.train_cell(cell("bn", 8), tiny_data)
+@pytest.mark.parametrize("two,one", [("syncbn", "bn"), ("syncbrn", "brn"), ("gn", "gn")])
+def test_two_processes_train_like_one_at_twice_the_batch(tiny_data, tmp_path, two, one):
+    # What lets the report read a 2-process line from the 1-process cell at 2B.
+    sync = study.run_sync(cell(two, 4), tiny_data, tmp_path)
+    single = study.train_cell(cell(one, 8), tiny_data)
     assert sync["world_size"] == 2 and sync["steps"] == single["steps"] == 4
     assert sync["weights_l2"] == pytest.approx(single["weights_l2"], rel=1e-5)
     assert sync["acc"] == pytest.approx(single["acc"], abs=1 / 12 + 1e-9)
+    if "acc_precise" in single:  # precise BN slices the same global batches
+        assert sync["acc_precise"] == pytest.approx(single["acc_precise"], abs=1 / 12 + 1e-9)
     # ... and a different batch really trains differently (the fingerprint can fail).
-    other = study.train_cell(cell("bn", 4), tiny_data)
+    other = study.train_cell(cell(one, 4), tiny_data)
     assert other["weights_l2"] != pytest.approx(single["weights_l2"], rel=1e-5)
 
 

@@ -142,10 +142,15 @@ def test_batch_renorm_settings_reach_the_layers():
 
     cfg = load_config(
         ROOT / "configs/shapes_cls.yaml",
-        ["train.per_device_batch=2", "norm.brn.momentum=0.01", "norm.brn.hold_steps=0.5"],
+        [
+            "train.per_device_batch=2",
+            "norm.policy.small_batch=brn",
+            "norm.brn.momentum=0.05",
+            "norm.brn.hold_steps=0.5",
+        ],
     )
     env = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
     t = build_training(cfg, env, plan_norms(cfg, 1, "cpu", "gloo"))
     layers = [m for m in t.model.modules() if isinstance(m, BatchRenorm2d)]
-    assert layers and all(m.momentum == 0.01 for m in layers)
+    assert layers and all(m.momentum == 0.05 for m in layers)
     assert all(m.hold_steps == round(0.5 * cfg.train.max_steps) for m in layers)
