@@ -168,8 +168,9 @@ def paired_to_best(cells: dict, batches: list[int]) -> list[str]:
             se = 100 * c["std"] / max(1, len(c["accs"])) ** 0.5
             bar = 100 * c["mean"] - max(1.0, 2 * se)
             met = 100 * a["mean"] >= bar
+            kind = "gn" if a["kind"] == "gn2" else a["kind"]
             lines.append(
-                f"| {LABELS[auto]} | {b} | {100 * a['mean']:.1f} ({a['kind']}"
+                f"| {LABELS[auto]} | {b} | {100 * a['mean']:.1f} ({kind}"
                 f"{' + precise BN' if a['precise'] else ''}) | {LABELS[best]} "
                 f"{100 * c['mean']:.1f} | {mean:+.1f} ± {std:.1f} (n={len(diffs)}) | "
                 f"{bar:.1f} | {'yes' if met else 'NO'} |"
@@ -240,7 +241,7 @@ def markdown(cells: dict, batches: list[int], meta: dict) -> str:
         (n, b, cells[n][b]["clip"])
         for n in NORMS
         for b in batches
-        if "clip" in cells.get(n, {}).get(b, {})
+        if "clip" in cells.get(n, {}).get(b, {}) and "same_as" not in cells[n][b]
     ]
     if clipped:
         lines += [

@@ -18,7 +18,13 @@ def decide(world=1, *overrides):
 @pytest.mark.parametrize(
     "world,overrides,enabled,reason",
     [
-        (1, ["train.per_device_batch=2"], True, "backbone/neck learn running statistics"),
+        (1, ["train.per_device_batch=2"], False, "no part learns running stats"),  # GN + WS
+        (
+            1,
+            ["train.per_device_batch=2", "norm.policy.small_batch=brn"],
+            True,
+            "backbone/neck learn running statistics",
+        ),
         (1, ["train.per_device_batch=32"], False, "per_device_batch 32 >= min_batch 16"),
         (8, ["train.per_device_batch=2"], True, "per_device_batch 2 < min_batch 16"),  # syncbn
         (1, ["train.per_device_batch=2", "norm.precise_bn.enabled=false"], False, "=false"),
@@ -44,5 +50,6 @@ def test_bad_precise_bn_settings_name_the_key():
 
 
 def test_policy_command_shows_precise_bn(capsys):
-    assert main(["policy", "--config", str(DET), "train.per_device_batch=2"]) == 0
+    args = ["train.per_device_batch=2", "norm.policy.small_batch=brn"]
+    assert main(["policy", "--config", str(DET), *args]) == 0
     assert "precise BN: on, 50 batches (auto: backbone/neck learn" in capsys.readouterr().out

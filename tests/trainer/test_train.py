@@ -31,7 +31,9 @@ CLS = str(ROOT / "configs/shapes_cls.yaml")
 
 def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
     out = tmp_path / "runs"
-    run(train_cmd(DET, out, data_root, "det", *FAST_DET, "wandb.mode=offline"))
+    # small_batch=brn: this run also covers Batch Renorm's metrics and precise BN.
+    brn = "norm.policy.small_batch=brn"
+    run(train_cmd(DET, out, data_root, "det", *FAST_DET, "wandb.mode=offline", brn))
     run_dir = out / "det"
     cfg = (run_dir / "config.yaml").read_text()
     assert "per_device_batch: 2" in cfg and "${" not in cfg
@@ -94,7 +96,8 @@ def test_classification_run(tmp_path, data_root, capsys):
     assert main(train_args(CLS, out, data_root, "cls", *FAST_CLS)) == 0
     run_dir = out / "cls"
     policy = json.loads((run_dir / "policy.json").read_text())
-    assert list(policy["parts"]) == ["backbone"] and policy["parts"]["backbone"]["kind"] == "brn"
+    assert list(policy["parts"]) == ["backbone"] and policy["parts"]["backbone"]["kind"] == "gn"
+    assert policy["parts"]["backbone"]["ws"] and not policy["precise_bn"]["enabled"]
     final = metrics_rows(run_dir)[-1]["eval"]
     assert 0.0 <= final["top1"] <= 1.0 and final["images"] == 9
     assert "final eval" in capsys.readouterr().out
