@@ -224,10 +224,13 @@ def markdown(cells: dict, batches: list[int], meta: dict) -> str:
         "",
         *_table(cells, batches, lambda c: f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"),
         "",
-        "\\* a 2-process cell of B read from the 1-process cell of 2B, the same training run "
-        "(same samples per step, initial weights and mean gradient; SyncBN, SyncBRN and GN "
-        "normalize the same 2B samples): tests/bench/test_study.py checks the trained weights "
-        "agree.",
+        "\\* a 2-process cell of B read from the 1-process cell of 2B: the same training in "
+        "exact arithmetic (same samples per step, initial weights and mean gradient; SyncBN, "
+        "SyncBRN and GN normalize the same 2B samples; tests/bench/test_study.py checks the "
+        "weights agree after a few steps). Over a full run the two processes' different "
+        "summation order grows into a difference like another seed's (measured once: SyncBN "
+        "2 x 4, seed 0, 95.2% against BN at 8, 97.2%), so these lines carry the 1-process "
+        "cells' spread, not their own.",
         "",
         "Validation cross-entropy:",
         "",
