@@ -20,10 +20,12 @@ Rules, in order of precedence (``part`` is backbone, neck or head):
    ``frozenbn`` instead (GN cannot reuse BN statistics).  ``small_batch="brn"`` restores
    Batch Renorm / synchronized Batch Renorm there.
 
-Why GN + WS and not Batch Renorm below min_batch: in this project's own studies
-(bench/results/study_cls.md, study_det.md), Batch Renorm, with the paper's schedule,
-momentum 0.01 and precise-BN recalibration included, was never the best norm at any batch
-size, and GN + WS was the best or within noise of it at every batch below min_batch.
+Why GN + WS and not Batch Renorm below min_batch: in this project's classification study
+(bench/results/study_cls.md, 5 seeds where lines are close), Batch Renorm, with the
+paper's schedule, momentum 0.01 and precise-BN recalibration included, was never the best
+norm at any batch size, and GN + WS was the best or within noise of it at every batch
+below min_batch.  The detection study (study_det.md) is not finished; its first seed
+has Batch Renorm ahead at B <= 4, which is why the choice stays a knob.
 
 ``per_device_batch`` is the number of samples in one forward pass of one process.
 Gradient accumulation runs several such passes before a step; each normalizes its own
@@ -185,8 +187,8 @@ def _small_batch_gn(p: NormPolicy) -> str:
     """Why the small-batch pick is GroupNorm: the studies' verdict, in the table's words."""
     ws = " + Weight Standardization" if p.gn_ws else ""
     return (
-        f"GroupNorm{ws}, no batch statistics (Batch Renorm won no cell of the small-batch "
-        f"studies; norm.policy.small_batch=brn brings it back)"
+        f"GroupNorm{ws}, no batch statistics (Batch Renorm won no cell of the classification "
+        f"study; norm.policy.small_batch=brn brings it back)"
     )
 
 

@@ -167,7 +167,12 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     assert {b: c["kind"] for b, c in cells["auto2"].items()} == {8: "syncbn", 4: "gn2"}
     assert cells["auto2"][4]["mean"] == pytest.approx(0.308)
     assert cells["auto"][8]["mean"] == pytest.approx(0.308)
-    assert cells["gn2"] == {8: cells["gn"][16], 4: cells["gn"][8]}
+    assert cells["gn2"] == {
+        8: {**cells["gn"][16], "same_as": "gn, 1 process, B=16"},
+        4: {**cells["gn"][8], "same_as": "gn, 1 process, B=8"},
+    }
+    # measured 2-process cells (syncbn here) are used as they are
+    assert "same_as" not in cells["syncbn"][8]
     schema = {(c["norm"], c["batch"], c["world"]): c for c in study.schema(cells)["cells"]}
     assert schema["auto", 4, 2]["picked"] == "gn" and schema["gn_ws", 4, 2]["values"] == [30.8] * 2
     # With small_batch=brn's kinds the study would read the synchronized Batch Renorm
@@ -175,4 +180,6 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     assert cells["syncbrn"][4]["mean"] == pytest.approx(0.504)
     # Without 2-process cells there is no 2-process line.
     local = study.summarize([r for r in rows if r["norm"] in ("bn", "brn")], [16, 8, 4], 16)
-    assert "auto2" not in local and set(local["auto"]) == {16}  # no GN cells: no pick below
+    assert set(local["auto"]) == {16}  # no GN cells: no pick below min_batch
+    # no 2-process cells run: SyncBN 2 x 8 is read from BN at 16
+    assert set(local["auto2"]) == {8} and local["auto2"][8]["same_as"] == "bn, 1 process, B=16"

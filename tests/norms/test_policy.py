@@ -38,7 +38,7 @@ def test_small_batch_brn_restores_batch_renorm(world, batch, expected):
 def test_small_batch_gn_says_why_and_gn_ws_knob():
     choice = select_norm(1, 2)
     assert "GroupNorm + Weight Standardization" in choice.reason
-    assert "Batch Renorm won no cell of the small-batch studies" in choice.reason
+    assert "Batch Renorm won no cell of the classification study" in choice.reason
     plain = select_norm(1, 2, "neck", NormPolicy(gn_ws=False))
     assert (plain.kind, plain.ws) == ("gn", False)
     assert "Weight Standardization" not in plain.reason
