@@ -187,7 +187,8 @@ def markdown(cells: dict, meta: dict) -> str:
     lines = [
         f"FCOS ResNet-18 FPN on shapes detection ({meta['image_size']} px, "
         f"{meta['num_train']} train / {meta['num_val']} val images), {meta['samples']} "
-        f"training samples per run, mean ± std over seeds {meta['seeds']}. B = per-device "
+        f"training samples per run, mean ± std over each cell's n seeds (of {meta['seeds']}); "
+        f"{meta['train_min']:.0f} min of training summed over the runs. B = per-device "
         f"batch (syncbn/syncbrn: 2 processes x B). {meta['date']}, {meta['machine']}.",
     ]
     for key, title in (("map50", "mAP@.5 (%)"), ("map", "mAP@[.5:.95] (%)")):
@@ -200,7 +201,7 @@ def markdown(cells: dict, meta: dict) -> str:
                 if c is None:
                     row.append("–")
                     continue
-                text = f"{c[f'{key}_mean']:.1f} ± {c[f'{key}_std']:.1f}"
+                text = f"{c[f'{key}_mean']:.1f} ± {c[f'{key}_std']:.1f} (n={len(c[key])})"
                 same = f", = {c['same_as']}" if "same_as" in c else ""
                 row.append(f"{text} ({c['picked']}{same})" if line == "auto" else text)
             lines.append(f"| {line} | " + " | ".join(row) + " |")
@@ -247,6 +248,11 @@ def main(argv=None) -> int:
     ap.add_argument("--num-train", type=int, default=1000)
     ap.add_argument("--num-val", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=2, help="one-process cells run at once")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the JSON and table from the stored cells of this grid; train nothing",
+    )
     ap.add_argument("--data-root", default=str(ROOT / "data" / "shapes"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
@@ -291,7 +297,7 @@ def main(argv=None) -> int:
     runs = [c for c in cells if id(c) not in same_as]
     rows = [r for c in runs if (r := store.get(c)) is not None]
     print(f"{len(rows)} of {len(runs)} cells already in {store.folder}", flush=True)
-    todo = [c for c in runs if store.get(c) is None]
+    todo = [] if args.report_only else [c for c in runs if store.get(c) is None]
     with mp.get_context("spawn").Pool(max(1, args.jobs)) as pool:
         for row in pool.imap_unordered(_single, [c for c in todo if c["world"] == 1]):
             rows.append(store.put(row))
@@ -309,7 +315,11 @@ def main(argv=None) -> int:
             rows.append({**twin, "line": "auto", "same_as": twin["line"]})
     summary = summarize(rows)
     meta = dict(
-        date=date.today().isoformat(), machine=machine(), seeds=list(range(args.seeds)), **recipe
+        date=date.today().isoformat(),
+        machine=machine(),
+        seeds=list(range(args.seeds)),
+        train_min=sum(r["train_s"] for r in rows if "same_as" not in r) / 60,
+        **recipe,
     )
     record = {**schema(summary), "meta": meta, "runs": rows}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")

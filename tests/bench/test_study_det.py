@@ -33,3 +33,11 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     assert "mAP@[.5:.95] (%)" in table and "paired by seed" in table
     again = run_bench("study_det.py", *args, timeout=300)
     assert again.returncode == 0 and "5 of 5 cells already in" in again.stdout
+    # --report-only trains nothing: a missing cell stays missing from the report
+    (out / "study_det_quick_cells" / "bn_b4_s0.json").unlink()
+    report = run_bench("study_det.py", *args, "--report-only", timeout=300)
+    assert report.returncode == 0 and "4 of 5 cells already in" in report.stdout
+    assert not (out / "study_det_quick_cells" / "bn_b4_s0.json").exists()
+    result = json.loads((out / "study_det_quick.json").read_text())
+    assert ("bn", 4) not in {(c["norm"], c["batch"]) for c in result["cells"]}
+    assert "(n=1)" in (out / "study_det_quick.md").read_text()
