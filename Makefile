@@ -36,8 +36,12 @@ bench: $(STAMP)
 
 # The small-batch studies; both keep one file per finished cell and continue where they
 # stopped.  `--quick` versions run in make test.
+# The committed classification grid: 3 seeds everywhere, 5 at B >= 8 (lines within a
+# point there); the 2-process lines are read from the 1-process cells at 2B.
+STUDY_NORMS := bn brn brn_m01 brn_paper gn
 study: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py
+	$(PY) bench/study.py --norms $(STUDY_NORMS) --seeds 3 --no-wandb
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py --norms $(STUDY_NORMS) --seeds 5 --batches 32 16 8
 
 study-det: $(STAMP)
 	$(PY) bench/study_det.py

@@ -29,6 +29,10 @@ def machine() -> str:
     return desc
 
 
+def _matches(row: dict, keys: dict) -> bool:
+    return all(row.get(k) == v for k, v in keys.items())
+
+
 class CellStore:
     """One JSON file per finished study cell, reused when present with the same recipe:
     a grid that a session's end interrupts continues where it stopped."""
@@ -45,11 +49,12 @@ class CellStore:
         if not path.is_file():
             return None
         row = json.loads(path.read_text())
-        return row if all(row.get(k) == v for k, v in cell.items()) else None
+        return row if _matches(row, cell) else None
 
-    def all(self) -> list[dict]:
-        """Every stored cell, whatever grid wrote it."""
-        return [json.loads(p.read_text()) for p in sorted(self.folder.glob("*.json"))]
+    def all(self, recipe: dict) -> list[dict]:
+        """Every stored cell trained with ``recipe``, whatever grid wrote it."""
+        rows = [json.loads(p.read_text()) for p in sorted(self.folder.glob("*.json"))]
+        return [r for r in rows if _matches(r, recipe)]
 
     def put(self, row: dict) -> dict:
         path = self._path(row)

@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     wall = (time.perf_counter() - t0) / 60
     # The report covers every stored cell of this recipe, not only this grid's: extra
     # seeds or 2-process lines run by another invocation (see the README) join it.
-    rows = [r for r in store.all() if r["norm"] in NORMS and _same_recipe(r, common)]
+    rows = [r for r in store.all(common) if r["norm"] in NORMS]
 
     meta = dict(
         date=date.today().isoformat(),
@@ -378,10 +378,6 @@ def main(argv=None) -> int:
     )
     report(rows, meta, out, name, not args.no_wandb)
     return 0
-
-
-def _same_recipe(row: dict, recipe: dict) -> bool:
-    return all(row.get(k) == v for k, v in recipe.items())
 
 
 def _line(r: dict) -> str:

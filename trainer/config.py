@@ -179,7 +179,8 @@ class NormPolicyConfig:
     head_kind: str = "gn"  # gn | same
     head_ws: bool = True
     # Below min_batch: gn (GroupNorm; WS on the part's convs when gn_ws) | brn (Batch
-    # Renorm, synchronized on several ranks).  gn won the studies (bench/results).
+    # Renorm, synchronized on several ranks).  gn from the classification study
+    # (bench/results/study_cls.md); the unfinished detection study leans to brn at B 2-4.
     small_batch: str = "gn"
     gn_ws: bool = True
     freeze_bn: bool = False  # frozenbn for a backbone loaded from model.backbone_weights
