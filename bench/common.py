@@ -1,7 +1,9 @@
-"""Shared by the bench scripts: the machine description, and the resumable cell store."""
+"""Shared by the bench scripts: the machine description, the resumable cell store, the
+metric-vs-batch plot and the per-run wandb log of a study."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -62,3 +64,70 @@ class CellStore:
         tmp.write_text(json.dumps(row, indent=1) + "\n")
         os.replace(tmp, path)
         return row
+
+
+def plot_vs_batch(panels: list[tuple[str, list]], batches: list[int], path: Path, title: str):
+    """One panel per (y label, series); a series is (label, {batch: (mean, std)}, style
+    kwargs).  Per-device batch on a log2 x axis, largest first; std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), dpi=110)
+    for ax, (ylabel, series) in zip(axes if len(panels) > 1 else [axes], panels, strict=True):
+        for label, points, style in series:
+            bs = [b for b in batches if b in points]
+            ax.errorbar(
+                bs,
+                [points[b][0] for b in bs],
+                yerr=[points[b][1] for b in bs],
+                marker="o",
+                capsize=3,
+                label=label,
+                **style,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.invert_xaxis()
+        ax.set_xlabel("per-device batch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    (axes[0] if len(panels) > 1 else axes).legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def log_runs_wandb(rows: list[dict], out: Path, project: str, group, name, results) -> int:
+    """One wandb run per training run of a study, grouped per cell (``group(row)``, e.g.
+    "bn_b4": the seeds of a cell side by side), named ``name(row)``, with the run's recipe
+    as config and ``results`` (its metric keys) logged and in the summary.  The mode is
+    WANDB_MODE's (offline by default; disabled logs nothing).  A run's id derives from the
+    row, so a rerun skips the runs already under ``out``/wandb; returns how many it logged."""
+    mode = os.environ.get("WANDB_MODE", "offline")
+    if mode == "disabled":
+        return 0
+    import wandb
+
+    logged = 0
+    for row in rows:
+        digest = hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest()[:10]
+        run_id = f"{name(row)}-{digest}"
+        if any((Path(out) / "wandb").glob(f"*-{run_id}")):
+            continue
+        run = wandb.init(
+            project=project,
+            dir=str(out),
+            mode=mode,
+            id=run_id,
+            name=name(row),
+            group=group(row),
+            config={k: v for k, v in row.items() if k not in results},
+            reinit="finish_previous",
+        )
+        run.log({k: row[k] for k in results if k in row})
+        run.finish()
+        logged += 1
+    return logged

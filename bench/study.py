@@ -36,11 +36,12 @@ cross-entropy (which still moves when accuracy saturates) are both reported.  Ba
 Renorm's clip warm-up takes the first quarter of each run's steps, so its corrections
 are fully on for most of it.
 
-The ``auto`` line is what ``norms.select_norm`` picks for one process at each batch size
-(bn at >= min_batch, brn below), read from the measured cells.
+The ``auto`` line is what ``norms.select_norm`` picks for one process at each batch size,
+read from the measured cells.
 
-Writes ``study.json``, ``study.md`` and ``study.png`` to --out, and an offline wandb run
-with the table and the plot.
+Writes ``study.json``, ``study.md`` and ``study.png`` to --out; and, unless --no-wandb,
+offline wandb runs (WANDB_MODE decides): a summary run with the table and the plot, and
+one run per training run, grouped per cell (``cls_<norm>_b<B>_w<world>``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ it is not run again: it takes that cell's numbers and says which (``same_as``).
 Each finished cell is one JSON file in ``<out>/study_det_cells/``, reused when present
 with the same recipe.  One-process cells run ``--jobs`` at a time, one thread each.
 Writes ``study_det.json`` (the issue's schema; metric mAP@.5, with mAP@[.5:.95] beside
-it) and ``study_det.md``.
+it), ``study_det.md`` and ``study_det.png``; and, unless --no-wandb, one offline wandb run
+per training run (WANDB_MODE decides), grouped per cell (``det_<line>_b<B>_w<world>``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import CellStore, machine  # noqa: E402
+from common import CellStore, log_runs_wandb, machine, plot_vs_batch  # noqa: E402
 
 from trainer.config import BatchRenormConfig, load_config  # noqa: E402
 from trainer.distributed import DistEnv, spawn_gloo  # noqa: E402
@@ -228,6 +229,49 @@ def markdown(cells: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+LABELS = {
+    "bn": "BN",
+    "brn": "Batch Renorm",
+    "gn_ws": "GN + WS",
+    "auto": "auto policy",
+    "syncbn": "SyncBN (2 procs x B)",
+    "syncbrn": "SyncBRN (2 procs x B)",
+}
+STYLE = {
+    "auto": dict(color="black", linestyle="--", linewidth=2.5, alpha=0.35),
+    "syncbn": dict(linestyle=":"),
+    "syncbrn": dict(linestyle=":"),
+}
+
+
+def plot(cells: dict, meta: dict, path: Path) -> None:
+    batches = sorted({b for _, b in cells}, reverse=True)
+    panels = [
+        (
+            ylabel,
+            [
+                (
+                    LABELS[line],
+                    {
+                        b: (c[f"{key}_mean"], c[f"{key}_std"])
+                        for (n, b), c in cells.items()
+                        if n == line
+                    },
+                    STYLE.get(line, {}),
+                )
+                for line in LINES
+                if any(n == line for n, _ in cells)
+            ],
+        )
+        for key, ylabel in (("map50", "mAP@.5 (%)"), ("map", "mAP@[.5:.95] (%)"))
+    ]
+    title = (
+        f"FCOS ResNet-18 FPN on shapes ({meta['image_size']} px), {meta['samples']} samples "
+        f"per run, mean ± std over each cell's seeds (of {meta['seeds']})"
+    )
+    plot_vs_batch(panels, batches, path, title)
+
+
 def _report(row: dict) -> None:
     print(
         f"{row['line']:>8} B={row['batch']:<3} seed {row['seed']}: mAP@.5 "
@@ -248,6 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-train", type=int, default=1000)
     ap.add_argument("--num-val", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=2, help="one-process cells run at once")
+    ap.add_argument("--no-wandb", action="store_true")
     ap.add_argument(
         "--report-only",
         action="store_true",
@@ -327,6 +372,17 @@ def main(argv=None) -> int:
     (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown(summary, meta)
     (out / f"{name}.md").write_text(table)
+    plot(summary, meta, out / f"{name}.png")
+    if not args.no_wandb:
+        n = log_runs_wandb(
+            [r for r in rows if "same_as" not in r],  # an auto twin is another line's run
+            out,
+            "normpilot-study",
+            group=lambda r: f"det_{r['line']}_b{r['batch']}_w{r['world']}",
+            name=lambda r: f"det_{r['line']}_b{r['batch']}_s{r['seed']}",
+            results=("mAP50", "mAP", "train_s"),
+        )
+        print(f"wandb: {n} new runs, grouped per cell, under {out}/wandb")
     print(table)
     return 0
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import uuid
 from pathlib import Path
+
+from common import log_runs_wandb, plot_vs_batch
 
 from norms import NormPolicy, select_norm
 
@@ -286,45 +289,26 @@ def _seed_counts(cells: dict, batches: list[int]) -> str:
 
 
 def plot(cells: dict, batches: list[int], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     style = {
         "auto": dict(color="black", linestyle="--", linewidth=2.5, alpha=0.35),
         "auto2": dict(color="grey", linestyle=":", linewidth=2.5, alpha=0.5),
     }
-    panels = (
-        (axes[0], "mean", "std", 100, "validation accuracy (%)"),
-        (axes[1], "loss_mean", "loss_std", 1, "validation cross-entropy (lower is better)"),
-    )
-    for ax, mean_key, std_key, scale, ylabel in panels:
-        for norm in LINES:
-            if norm not in cells:
-                continue
-            bs = [b for b in batches if b in cells[norm]]
-            ax.errorbar(
-                bs,
-                [scale * cells[norm][b][mean_key] for b in bs],
-                yerr=[scale * cells[norm][b][std_key] for b in bs],
-                marker="o",
-                capsize=3,
-                label=LABELS[norm],
-                **style.get(norm, {}),
+    panels = []
+    for mean_key, std_key, scale, ylabel in (
+        ("mean", "std", 100, "validation accuracy (%)"),
+        ("loss_mean", "loss_std", 1, "validation cross-entropy (lower is better)"),
+    ):
+        series = [
+            (
+                LABELS[norm],
+                {b: (scale * c[mean_key], scale * c[std_key]) for b, c in cells[norm].items()},
+                style.get(norm, {}),
             )
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.invert_xaxis()
-        ax.set_xlabel("per-device batch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+            for norm in LINES
+            if norm in cells
+        ]
+        panels.append((ylabel, series))
+    plot_vs_batch(panels, batches, path, title)
 
 
 def log_wandb(
@@ -338,6 +322,8 @@ def log_wandb(
         project="normpilot-study",
         dir=str(out),
         mode=os.environ.get("WANDB_MODE", "offline"),
+        id=f"summary-{uuid.uuid4().hex[:8]}",  # beside the per-run runs (log_runs_wandb)
+        name="summary",
         config=meta,
         reinit="finish_previous",
     )
@@ -382,6 +368,15 @@ def report(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) 
     if use_wandb:
         folder = log_wandb(summary, rows, batches, out, out / f"{name}.png", meta)
         print(f"wandb run: {folder}")
+        n = log_runs_wandb(
+            rows,
+            out,
+            "normpilot-study",
+            group=lambda r: f"cls_{r['norm']}_b{r['batch']}_w{r['world_size']}",
+            name=lambda r: f"cls_{r['norm']}_b{r['batch']}_s{r['seed']}",
+            results=("acc", "val_loss", "acc_precise", "val_loss_precise", "train_s"),
+        )
+        print(f"wandb: {n} new runs, grouped per cell, under {out}/wandb")
     print(table)
     print(f"wrote {out}/{name}.json, .md, .png ({meta['wall_min']:.1f} min of training)")
 

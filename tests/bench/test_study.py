@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, run_bench, subprocess_env
-from tests.trainer.wandb_reader import history
+from tests.trainer.wandb_reader import history, wandb_runs
 
 sys.path.append(str(ROOT / "bench"))  # after the repo root, so `norms` is the package
 import study  # noqa: E402
@@ -124,7 +124,7 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
     height, width, channels = matplotlib.image.imread(png).shape
     assert channels in (3, 4) and width > height  # accuracy and loss side by side
 
-    [run_dir] = (out / "wandb").glob("offline-run-*")
+    [run_dir] = (out / "wandb").glob("offline-run-*-summary-*")
     [log] = run_dir.glob("run-*.wandb")
     logged = {k: v for row in history(log) for k, v in row.items()}
     assert logged.get("runs/_type") == "table-file"
@@ -134,6 +134,15 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
     # at B=16 and B=2.
     assert logged.get("accuracy_vs_batch_table/_type") == "table-file"
     assert logged.get("accuracy_vs_batch_table/nrows") == 8 * 2
+    # ... and one run per training run, its cell as the group, its results logged.
+    per_run = {k: v for k, v in wandb_runs(out / "wandb").items() if "summary" not in k}
+    assert len(per_run) == 8
+    assert per_run["cls_syncbn_b2_s0"]["group"] == "cls_syncbn_b2_w2"
+    by_cell = {(r["norm"], r["batch"]): r for r in runs}
+    for name, run in per_run.items():
+        _, norm, b, _ = name.split("_")
+        assert run["group"] == f"cls_{norm}_{b}_w{by_cell[norm, int(b[1:])]['world_size']}"
+        assert run["history"]["acc"] == by_cell[norm, int(b[1:])]["acc"]
 
     # Finished cells are kept one file each; a rerun reuses them and trains nothing.
     assert len(list((out / "study_quick_cells").glob("*.json"))) == 8

@@ -2,14 +2,16 @@
 
 import json
 
-from tests.helpers import run_bench
+from tests.helpers import run_bench, subprocess_env
+from tests.trainer.wandb_reader import wandb_runs
 
 
 def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
     lines = ["bn", "gn_ws", "auto", "syncbn"]
     args = ["--quick", "--lines", *lines, "--out", out, "--data-root", data]
-    proc = run_bench("study_det.py", *args, timeout=600)
+    env = {**subprocess_env(), "WANDB_MODE": "offline"}
+    proc = run_bench("study_det.py", *args, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "study_det_quick.json").read_text())
     assert result["metric"].startswith("COCO mAP@.5")
@@ -31,8 +33,19 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     assert runs["syncbn", 2]["world"] == 2 and runs["syncbn", 2]["kinds"]["neck"] == "syncbn"
     table = (out / "study_det_quick.md").read_text()
     assert "mAP@[.5:.95] (%)" in table and "paired by seed" in table
-    again = run_bench("study_det.py", *args, timeout=300)
+    png = (out / "study_det_quick.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # One wandb run per training run, grouped per cell; auto's runs are gn_ws's, not
+    # logged twice.
+    logged = wandb_runs(out / "wandb")
+    assert set(logged) == {f"det_{n}_b{b}_s0" for n in ("bn", "gn_ws") for b in (4, 2)} | {
+        "det_syncbn_b2_s0"
+    }
+    assert logged["det_syncbn_b2_s0"]["group"] == "det_syncbn_b2_w2"
+    assert logged["det_bn_b4_s0"]["history"]["mAP50"] == runs["bn", 4]["mAP50"]
+    again = run_bench("study_det.py", *args, timeout=300, env=env)
     assert again.returncode == 0 and "5 of 5 cells already in" in again.stdout
+    assert "wandb: 0 new runs" in again.stdout
     # --report-only trains nothing: a missing cell stays missing from the report
     (out / "study_det_quick_cells" / "bn_b4_s0.json").unlink()
     report = run_bench("study_det.py", *args, "--report-only", timeout=300)

@@ -48,3 +48,14 @@ def history(path: Path) -> list[dict]:
                 }
             )
     return rows
+
+
+def wandb_runs(folder: Path) -> dict:
+    """Each offline run under a wandb folder, by display name: its group and its history
+    (rows merged)."""
+    out = {}
+    for log in Path(folder).glob("offline-run-*/run-*.wandb"):
+        run = next(r.run for r in records(log) if r.WhichOneof("record_type") == "run")
+        merged = {k: v for row in history(log) for k, v in row.items()}
+        out[run.display_name] = {"group": run.run_group, "history": merged}
+    return out
