@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train demo test lint bench study study-det clean
+.PHONY: install train demo test lint bench study study-cls study-det clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,13 +38,19 @@ bench: $(STAMP)
 # stopped.  `--quick` versions run in make test.
 # The committed classification grid: 3 seeds everywhere, 5 at B >= 8 (lines within a
 # point there); the 2-process lines are read from the 1-process cells at 2B.
+# `make study` runs both: every table, plot and JSON in bench/results/study_{cls,det}.*,
+# and the offline wandb runs (one per training run, grouped per cell) in bench/results/wandb.
+study: study-cls study-det
+
 STUDY_NORMS := bn brn brn_m01 brn_paper gn
-study: $(STAMP)
+study-cls: $(STAMP)
 	$(PY) bench/study.py --norms $(STUDY_NORMS) --seeds 3 --no-wandb
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py --norms $(STUDY_NORMS) --seeds 5 --batches 32 16 8
 
+# The detection grid: bn, brn, gn_ws, auto at B=16..1 and syncbn, syncbrn on 2 gloo
+# processes at B=4, 2, 1; 3 seeds.
 study-det: $(STAMP)
-	$(PY) bench/study_det.py
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study_det.py --seeds 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results/wandb bench/results/*_quick.*
