@@ -126,6 +126,7 @@ def log_runs_wandb(rows: list[dict], out: Path, project: str, group, name, resul
             group=group(row),
             config={k: v for k, v in row.items() if k not in results},
             reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off"),  # one line per study, below
         )
         run.log({k: row[k] for k in results if k in row})
         run.finish()

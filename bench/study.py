@@ -145,7 +145,8 @@ def build(norm: str, steps: int, widths=WIDTHS) -> nn.Module:
     model = SmallResNet(widths=widths)
     kind = BASE_KIND.get(norm, norm)
     if kind in ("brn", "syncbrn"):
-        v = BRN_VARIANTS["brn" if norm == "syncbrn" else norm]
+        # SyncBRN trains with the trainer's norm.brn defaults: brn_m01's.
+        v = BRN_VARIANTS["brn_m01" if norm == "syncbrn" else norm]
         return convert_norms(
             model,
             kind,
@@ -294,7 +295,6 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-batch", type=int, default=32)
     ap.add_argument("--lr-scaling", default="sqrt", choices=("sqrt", "linear"))
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--min-batch", type=int, default=16, help="the policy's threshold")
     ap.add_argument("--data-root", default=str(ROOT / "data" / "shapes"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-wandb", action="store_true")
@@ -373,7 +373,6 @@ def main(argv=None) -> int:
         machine=machine(),
         seeds=args.seeds,
         **common,  # the recipe every cell was trained with
-        min_batch=args.min_batch,
         wall_min=wall,
         train_min=sum(r["train_s"] for r in rows) / 60,
     )

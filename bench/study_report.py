@@ -33,12 +33,19 @@ LABELS.update({f"{n}+pbn": f"{LABELS[n]} + precise BN" for n in NORMS})
 SCHEMA_NORM = {"gn": "gn_ws", "gn2": "gn_ws", "auto2": "auto"}
 TWO_PROCESS = ("syncbn", "syncbrn", "gn2", "auto2")
 # 2-process line -> the 1-process line whose cell at 2B is the same training run.
-TWIN = {"syncbn": "bn", "syncbrn": "brn", "gn2": "gn"}
+# SyncBRN trains with the trainer's norm.brn defaults, which are brn_m01's.
+TWIN = {"syncbn": "bn", "syncbrn": "brn_m01", "gn2": "gn"}
+# The line that trains what the policy's kind means in the trainer (its norm.brn defaults
+# are brn_m01's: momentum 0.01, limits open over the first quarter).
+AUTO_LINE = {"brn": "brn_m01"}
 # Batch Renorm's per-layer diagnostics (norms.batch_renorm renorm_stats) kept per run.
 CLIP_STATS = ("r_dev", "r_clipped", "d_abs", "d_clipped")
 
 
-def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
+def summarize(rows: list[dict], batches: list[int], policy: NormPolicy, spatial: int) -> dict:
+    """Per line and batch: the seeds' values and their mean and std; the derived
+    2-process lines; and the policy's lines, as ``select_norm`` decides with ``policy``
+    for a network whose smallest normalized map has ``spatial`` (H x W) values."""
     cells: dict[str, dict[int, dict]] = {}
     by_cell: dict[tuple[str, int], list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["seed"]):
@@ -86,21 +93,27 @@ def summarize(rows: list[dict], batches: list[int], min_batch: int) -> dict:
     for line, world in (("auto", 1), ("auto2", 2)):
         auto = {}
         for b in batches:
-            kind = select_norm(world, b, policy=NormPolicy(min_batch=min_batch)).kind
-            if world == 2 and kind == "gn":
-                kind = "gn2"
-            if kind not in cells or b not in cells[kind]:
+            kind = select_norm(world, b, policy=policy, spatial=spatial).kind
+            src = "gn2" if world == 2 and kind == "gn" else AUTO_LINE.get(kind, kind)
+            if src not in cells or b not in cells[src]:
                 continue
-            if world == 2 and kind not in TWO_PROCESS:
+            if world == 2 and src not in TWO_PROCESS:
                 continue  # local BN on 2 processes: no 2-process cell measured it
-            precise = b < min_batch and b in cells.get(f"{kind}+pbn", {})
+            precise = b < policy.min_batch and b in cells.get(f"{src}+pbn", {})
             if precise:
-                auto[b] = {**cells[f"{kind}+pbn"][b], "kind": kind, "precise": True}
+                auto[b] = {**cells[f"{src}+pbn"][b], "kind": kind, "precise": True}
             else:
-                auto[b] = {**cells[kind][b], "kind": kind, "precise": False}
+                auto[b] = {**cells[src][b], "kind": kind, "precise": False}
         if auto:
             cells[line] = auto
     return cells
+
+
+def smallest_map(meta: dict) -> int:
+    """H x W of SmallResNet's last stage: the stem keeps the input size and every stage
+    after the first halves it."""
+    side = -(-meta["image_size"] // 2 ** (len(meta["widths"]) - 1))
+    return side * side
 
 
 def _precise(runs: list[dict]) -> dict:
@@ -353,7 +366,8 @@ def report(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) 
     """``name``.json (meta, every run, the summary), .md, .png, and the wandb run."""
     rows = sorted(rows, key=lambda r: (NORMS.index(r["norm"]), -r["batch"], r["seed"]))
     batches = sorted({r["batch"] for r in rows}, reverse=True)
-    summary = summarize(rows, batches, meta["min_batch"])
+    # The policy as it is now (not as recorded when the cells ran), on this network.
+    summary = summarize(rows, batches, NormPolicy(), smallest_map(meta))
     record = {**schema(summary), "meta": meta, "runs": rows, "summary": _jsonable(summary)}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown(summary, batches, meta)

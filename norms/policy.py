@@ -15,17 +15,24 @@ Rules, in order of precedence (``part`` is backbone, neck or head):
 5. the batch rule.  Enough samples share the statistics (per_device_batch >= min_batch on
    one process, world_size * per_device_batch >= min_batch on several): ``bn`` /
    ``syncbn`` (in groups of ranks just large enough, see ``sync_group_size``).  Too few:
-   ``small_batch``, by default GroupNorm + Weight Standardization (``gn_ws``), which has
-   no batch statistics to get wrong; a backbone loaded from pretrained BN weights gets
-   ``frozenbn`` instead (GN cannot reuse BN statistics).  ``small_batch="brn"`` restores
-   Batch Renorm / synchronized Batch Renorm there.
+   ``small_batch``.  Its default, ``auto``, counts the values behind each channel's
+   statistic at the part's smallest normalized feature map, ``values = batch x H x W``
+   (``spatial`` = H x W; the combined batch on several ranks).  At least ``min_values``:
+   Batch Renorm (synchronized on several ranks); fewer, or ``spatial`` unknown:
+   GroupNorm + Weight Standardization, which has no batch statistics to get wrong.
+   ``small_batch="gn"`` / ``"brn"`` pick one of them whatever the values.  A backbone
+   loaded from pretrained BN weights gets ``frozenbn`` instead of GN (GN cannot reuse BN
+   statistics).
 
-Why GN + WS and not Batch Renorm below min_batch: in this project's classification study
-(bench/results/study_cls.md, 5 seeds where lines are close), Batch Renorm, with the
-paper's schedule, momentum 0.01 and precise-BN recalibration included, was never the best
-norm at any batch size, and GN + WS was the best or within noise of it at every batch
-below min_batch.  The detection study (study_det.md) is not finished; its first seed
-has Batch Renorm ahead at B <= 4, which is why the choice stays a knob.
+Why these defaults (min_batch 8, min_values 8): the two studies in bench/results.  In
+the classification study (study_cls.md; a 1x1 last stage, so values = batch) BN at
+batch 2 and 4 collapses (36% and 89%; with 2 values per statistic a normalized channel
+is only its sign) and so does every Batch Renorm variant, while GN + WS holds 98%; at
+batch 8 and 16 BN is the best line.  In the detection study (study_det.md; 64 px
+images, a 2x2 last stage, values = 4 x batch) Batch Renorm is the best line at batch 4
+and 2 (16 and 8 values), BN at 8, and GN + WS at batch 1 (4 values).  So: BN from 8
+images, Batch Renorm below that while each statistic still has >= 8 values, GN + WS
+when it has fewer.
 
 ``per_device_batch`` is the number of samples in one forward pass of one process.
 Gradient accumulation runs several such passes before a step; each normalizes its own
@@ -59,7 +66,7 @@ SYNC_KINDS = ("syncbn", "syncbrn")
 class NormPolicy:
     """The policy's knobs; every threshold is configurable."""
 
-    min_batch: int = 16
+    min_batch: int = 8
     local_bn_batch: int | None = None
     head_kind: str = "gn"  # "gn" or "same" (as the backbone rule)
     head_ws: bool = True
@@ -73,9 +80,11 @@ class NormPolicy:
     # in one node).
     sync_group: str | int = "auto"
     local_world_size: int | None = None
-    # Below min_batch: "gn" (GroupNorm, + WS on the part's convs when gn_ws) or "brn"
+    # Below min_batch: "auto" (Batch Renorm when each statistic has >= min_values values,
+    # else GroupNorm), "gn" (GroupNorm, + WS on the part's convs when gn_ws) or "brn"
     # (Batch Renorm; synchronized on several ranks).
-    small_batch: str = "gn"
+    small_batch: str = "auto"
+    min_values: int = 8
     gn_ws: bool = True
 
     def __post_init__(self) -> None:
@@ -89,10 +98,12 @@ class NormPolicy:
             raise ValueError(
                 f"norm.policy.head_kind must be 'gn' or 'same', got {self.head_kind!r}"
             )
-        if self.small_batch not in ("gn", "brn"):
+        if self.small_batch not in ("auto", "gn", "brn"):
             raise ValueError(
-                f"norm.policy.small_batch must be 'gn' or 'brn', got {self.small_batch!r}"
+                f"norm.policy.small_batch must be 'auto', 'gn' or 'brn', got {self.small_batch!r}"
             )
+        if self.min_values < 1:
+            raise ValueError(f"norm.policy.min_values must be >= 1, got {self.min_values}")
         if self.gn_groups is not None and self.gn_groups < 1:
             raise ValueError(f"norm.policy.gn_groups must be >= 1 or null, got {self.gn_groups}")
         if self.sync_group not in ("auto", "world") and not (
@@ -158,7 +169,7 @@ def sync_impl(kind: str, world_size: int, device: str, backend: str | None) -> s
     return "portable"
 
 
-def _batch_rule(world_size: int, batch: int, p: NormPolicy) -> tuple[str, str]:
+def _batch_rule(world_size: int, batch: int, p: NormPolicy, spatial: int | None):
     if world_size > 1 and p.local_bn_batch is not None and batch >= p.local_bn_batch:
         return "bn", (
             f"per_device_batch {batch} >= local_bn_batch {p.local_bn_batch}: local BN on "
@@ -168,9 +179,8 @@ def _batch_rule(world_size: int, batch: int, p: NormPolicy) -> tuple[str, str]:
         if batch >= p.min_batch:
             return "bn", f"world_size 1, per_device_batch {batch} >= min_batch {p.min_batch}: BN"
         why = f"world_size 1, per_device_batch {batch} < min_batch {p.min_batch}"
-        if p.small_batch == "brn":
-            return "brn", f"{why}: Batch Renorm (norm.policy.small_batch=brn)"
-        return "gn", f"{why}: {_small_batch_gn(p)}"
+        small, how = _small_batch(batch, spatial, p)
+        return small, f"{why}; {how}"
     total = world_size * batch
     if total >= p.min_batch:
         return "syncbn", (
@@ -178,17 +188,30 @@ def _batch_rule(world_size: int, batch: int, p: NormPolicy) -> tuple[str, str]:
             f"{p.min_batch}: SyncBN over all ranks"
         )
     why = f"world_size {world_size} x per_device_batch {batch} = {total} < min_batch {p.min_batch}"
+    small, how = _small_batch(total, spatial, p)
+    if small == "brn":
+        return "syncbrn", f"{why}; {how.replace('Batch Renorm', 'synchronized Batch Renorm')}"
+    return small, f"{why}, even combined; {how}"
+
+
+def _small_batch(batch: int, spatial: int | None, p: NormPolicy) -> tuple[str, str]:
+    """Below min_batch: Batch Renorm or GroupNorm (+ WS), and why, in the table's words."""
+    gn = f"GroupNorm{' + Weight Standardization' if p.gn_ws else ''}, no batch statistics"
     if p.small_batch == "brn":
-        return "syncbrn", f"{why}: synchronized Batch Renorm (norm.policy.small_batch=brn)"
-    return "gn", f"{why}, even combined: {_small_batch_gn(p)}"
-
-
-def _small_batch_gn(p: NormPolicy) -> str:
-    """Why the small-batch pick is GroupNorm: the studies' verdict, in the table's words."""
-    ws = " + Weight Standardization" if p.gn_ws else ""
-    return (
-        f"GroupNorm{ws}, no batch statistics (Batch Renorm won no cell of the classification "
-        f"study; norm.policy.small_batch=brn brings it back)"
+        return "brn", "Batch Renorm (norm.policy.small_batch=brn)"
+    if p.small_batch == "gn":
+        return "gn", f"{gn} (norm.policy.small_batch=gn)"
+    if spatial is None:
+        return "gn", f"{gn} (values per statistic unknown: no feature map size given)"
+    values = batch * spatial
+    if values >= p.min_values:
+        return "brn", (
+            f"{batch} x {spatial} = {values} values per statistic at the smallest normalized "
+            f"map >= min_values {p.min_values}: Batch Renorm"
+        )
+    return "gn", (
+        f"{batch} x {spatial} = {values} values per statistic at the smallest normalized map "
+        f"< min_values {p.min_values}: {gn}"
     )
 
 
@@ -249,10 +272,13 @@ def select_norm(
     device: str = "cpu",
     backend: str | None = None,
     channels: Iterable[int] = (),
+    spatial: int | None = None,
 ) -> NormChoice:
     """The norm for ``part`` of a run with ``world_size`` processes of
     ``per_device_batch`` samples each.  ``device``/``backend`` decide ``impl``;
-    ``channels`` (the part's layer widths, when known) let GN group counts be checked."""
+    ``channels`` (the part's layer widths, when known) let GN group counts be checked;
+    ``spatial`` (H x W of the part's smallest normalized feature map, when known) counts
+    the values behind each statistic below min_batch."""
     p = policy or NormPolicy()
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got world_size={world_size!r}")
@@ -262,7 +288,9 @@ def select_norm(
         )
     if part not in PARTS:
         raise ValueError(f"unknown part={part!r}; parts are {', '.join(PARTS)}")
-    kind, reason = _batch_rule(world_size, per_device_batch, p)
+    if spatial is not None and (not isinstance(spatial, int) or spatial < 1):
+        raise ValueError(f"spatial must be an integer >= 1 or None, got spatial={spatial!r}")
+    kind, reason = _batch_rule(world_size, per_device_batch, p, spatial)
     overridden = p.override.get(part)
     if overridden is not None:
         reason = f"override norm.override.{part}={overridden} (the policy would pick {kind})"
@@ -286,7 +314,7 @@ def select_norm(
         kind, reason = (
             "frozenbn",
             (
-                f"{reason.split(':')[0]}, and the backbone is loaded from pretrained BN "
+                f"{reason.split(';')[0]}, and the backbone is loaded from pretrained BN "
                 "weights that GroupNorm cannot reuse: FrozenBatchNorm keeps their "
                 "statistics (what detectron2 and torchvision do for small-batch detection)"
             ),

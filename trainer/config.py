@@ -174,14 +174,19 @@ class WandbConfig:
 
 @dataclass
 class NormPolicyConfig:
-    min_batch: int = 16
+    # BN/SyncBN from this many samples per statistic (per device, or combined over the
+    # ranks of a sync group).  8, and min_values 8, from the two studies in bench/results
+    # (norms/policy.py says how).
+    min_batch: int = 8
     local_bn_batch: int | None = None  # keep local BN at/above this per-device batch
     head_kind: str = "gn"  # gn | same
     head_ws: bool = True
-    # Below min_batch: gn (GroupNorm; WS on the part's convs when gn_ws) | brn (Batch
-    # Renorm, synchronized on several ranks).  gn from the classification study
-    # (bench/results/study_cls.md); the unfinished detection study leans to brn at B 2-4.
-    small_batch: str = "gn"
+    # Below min_batch: auto (Batch Renorm -- synchronized on several ranks -- while the
+    # batch x H x W values behind each statistic at the part's smallest normalized map,
+    # from data.image_size, reach min_values; else GroupNorm) | gn (GroupNorm; WS on the
+    # part's convs when gn_ws) | brn (Batch Renorm).
+    small_batch: str = "auto"
+    min_values: int = 8
     gn_ws: bool = True
     freeze_bn: bool = False  # frozenbn for a backbone loaded from model.backbone_weights
     gn_groups: int | None = None  # null: choose_groups(C)
@@ -202,7 +207,8 @@ class NormPolicyConfig:
         _at_least("norm.policy.min_batch", self.min_batch, 1)
         _at_least("norm.policy.local_bn_batch", self.local_bn_batch, 1, allow_none=True)
         _one_of("norm.policy.head_kind", self.head_kind, ("gn", "same"))
-        _one_of("norm.policy.small_batch", self.small_batch, ("gn", "brn"))
+        _one_of("norm.policy.small_batch", self.small_batch, ("auto", "gn", "brn"))
+        _at_least("norm.policy.min_values", self.min_values, 1)
         _at_least("norm.policy.gn_groups", self.gn_groups, 1, allow_none=True)
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from norms import PARTS, NormChoice, NormPolicy, learns_running_stats, select_norm
-from trainer.archs import BACKBONES, backbone_of
+from trainer.archs import BACKBONES, HEAD_STRIDE, backbone_of
 from trainer.config import Config
 from trainer.graphs import GraphPlan, plan_graphs
 
 __all__ = [
     "norm_policy",
     "model_parts",
+    "smallest_maps",
     "plan_norms",
     "graph_plan",
     "PreciseBNPlan",
@@ -35,6 +36,19 @@ def model_parts(cfg: Config) -> dict[str, tuple[int, ...]]:
     return parts
 
 
+def smallest_maps(cfg: Config) -> dict[str, int]:
+    """H x W of each part's smallest normalized feature map for data.image_size inputs:
+    the policy counts the values behind a statistic there (batch x H x W)."""
+    stride = BACKBONES[backbone_of(cfg.model.arch)].stride
+    side = -(-cfg.data.image_size // stride)
+    maps = {"backbone": side * side}
+    if cfg.model.task == "detection":
+        maps["neck"] = side * side  # P5
+        head = -(-cfg.data.image_size // HEAD_STRIDE)
+        maps["head"] = head * head  # P7
+    return maps
+
+
 def norm_policy(cfg: Config, local_world_size: int | None = None) -> NormPolicy:
     p = cfg.norm.policy
     return NormPolicy(
@@ -45,6 +59,7 @@ def norm_policy(cfg: Config, local_world_size: int | None = None) -> NormPolicy:
         head_kind=p.head_kind,
         head_ws=p.head_ws,
         small_batch=p.small_batch,
+        min_values=p.min_values,
         gn_ws=p.gn_ws,
         freeze_bn=p.freeze_bn,
         pretrained_backbone=cfg.model.backbone_weights is not None,
@@ -63,6 +78,7 @@ def plan_norms(
     """One decision per part; ``local_world_size`` (processes per node) keeps sync
     groups inside a node (None: the whole world is one node)."""
     policy = norm_policy(cfg, local_world_size)
+    maps = smallest_maps(cfg)
     return {
         part: select_norm(
             world_size,
@@ -72,6 +88,7 @@ def plan_norms(
             device=device,
             backend=backend,
             channels=widths,
+            spatial=maps[part],
         )
         for part, widths in model_parts(cfg).items()
     }

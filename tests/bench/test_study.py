@@ -12,6 +12,8 @@ from tests.trainer.wandb_reader import history, wandb_runs
 sys.path.append(str(ROOT / "bench"))  # after the repo root, so `norms` is the package
 import study  # noqa: E402
 
+from norms import NormPolicy  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
@@ -33,7 +35,7 @@ def cell(norm: str, batch: int) -> dict:
     )
 
 
-@pytest.mark.parametrize("two,one", [("syncbn", "bn"), ("syncbrn", "brn"), ("gn", "gn")])
+@pytest.mark.parametrize("two,one", [("syncbn", "bn"), ("syncbrn", "brn_m01"), ("gn", "gn")])
 def test_two_processes_train_like_one_at_twice_the_batch(tiny_data, tmp_path, two, one):
     # What lets the report read a 2-process line from the 1-process cell at 2B.
     sync = study.run_sync(cell(two, 4), tiny_data, tmp_path)
@@ -160,35 +162,54 @@ def test_bad_arguments_are_refused_before_training(tmp_path):
 
 def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     # Synthetic cells: accuracy encodes (norm, batch), so each auto cell shows its source.
-    code = {"bn": 0.1, "brn": 0.2, "gn": 0.3, "syncbn": 0.4, "syncbrn": 0.5}
+    code = {"bn": 0.1, "brn": 0.2, "brn_m01": 0.6, "gn": 0.3, "syncbn": 0.4, "syncbrn": 0.5}
     rows = [
         dict(norm=n, batch=b, seed=s, acc=code[n] + b / 1000, val_loss=1.0)
         for n in code
-        for b in (16, 8, 4)
+        for b in (16, 8, 4, 2)
         for s in (0, 1)
     ]
-    cells = study.summarize(rows, [16, 8, 4], min_batch=16)
-    # One process: BN from min_batch up, GroupNorm + WS below.
-    assert {b: c["kind"] for b, c in cells["auto"].items()} == {16: "bn", 8: "gn", 4: "gn"}
-    # Two processes: local BN at 16 (a rank's own batch is enough; no 2-process cell),
-    # SyncBN while 2 x B >= min_batch, GroupNorm below, read from the 1-process GN cell
-    # at 2 x B (the same run).
-    assert {b: c["kind"] for b, c in cells["auto2"].items()} == {8: "syncbn", 4: "gn2"}
-    assert cells["auto2"][4]["mean"] == pytest.approx(0.308)
-    assert cells["auto"][8]["mean"] == pytest.approx(0.308)
-    assert cells["gn2"] == {
-        8: {**cells["gn"][16], "same_as": "gn, 1 process, B=16"},
-        4: {**cells["gn"][8], "same_as": "gn, 1 process, B=8"},
-    }
+    policy = NormPolicy()  # min_batch 8, min_values 8
+    batches = [16, 8, 4, 2]
+    # A 1x1 last stage (the study's network): B values per statistic.
+    cells = study.summarize(rows, batches, policy, spatial=1)
+    # One process: BN from min_batch up, GroupNorm + WS below (4 and 2 values < 8).
+    assert {b: c["kind"] for b, c in cells["auto"].items()} == {16: "bn", 8: "bn", 4: "gn", 2: "gn"}
+    # Two processes: local BN at 16 and 8 (a rank's own batch is enough; no 2-process
+    # cell), SyncBN while 2 x B >= min_batch, GroupNorm below, read from the 1-process GN
+    # cell at 2 x B (the same run).
+    assert {b: c["kind"] for b, c in cells["auto2"].items()} == {4: "syncbn", 2: "gn"}
+    assert cells["auto2"][2]["mean"] == pytest.approx(0.304)
+    assert cells["auto"][4]["mean"] == pytest.approx(0.304)
+    assert cells["gn2"][2] == {**cells["gn"][4], "same_as": "gn, 1 process, B=4"}
     # measured 2-process cells (syncbn here) are used as they are
-    assert "same_as" not in cells["syncbn"][8]
+    assert "same_as" not in cells["syncbn"][4]
+    assert cells["auto2"][4]["mean"] == pytest.approx(0.404)
     schema = {(c["norm"], c["batch"], c["world"]): c for c in study.schema(cells)["cells"]}
-    assert schema["auto", 4, 2]["picked"] == "gn" and schema["gn_ws", 4, 2]["values"] == [30.8] * 2
-    # With small_batch=brn's kinds the study would read the synchronized Batch Renorm
-    # cells instead: they are measured lines of their own.
-    assert cells["syncbrn"][4]["mean"] == pytest.approx(0.504)
-    # Without 2-process cells there is no 2-process line.
-    local = study.summarize([r for r in rows if r["norm"] in ("bn", "brn")], [16, 8, 4], 16)
-    assert set(local["auto"]) == {16}  # no GN cells: no pick below min_batch
-    # no 2-process cells run: SyncBN 2 x 8 is read from BN at 16
-    assert set(local["auto2"]) == {8} and local["auto2"][8]["same_as"] == "bn, 1 process, B=16"
+    assert schema["auto", 2, 2]["picked"] == "gn" and schema["gn_ws", 2, 2]["values"] == [30.4] * 2
+
+    # A 2x2 last stage: 4 B values, so Batch Renorm at 4 and 2 (16 and 8 values), read
+    # from the line trained with the trainer's norm.brn defaults (brn_m01), and
+    # synchronized Batch Renorm on 2 processes at 2 (4 x 4 = 16 values).
+    cells = study.summarize(rows, batches, policy, spatial=4)
+    assert {b: c["kind"] for b, c in cells["auto"].items()} == {
+        16: "bn",
+        8: "bn",
+        4: "brn",
+        2: "brn",
+    }
+    assert cells["auto"][2]["mean"] == pytest.approx(0.602)
+    assert cells["auto2"][2]["kind"] == "syncbrn" and cells["auto2"][2]["mean"] == pytest.approx(
+        0.502
+    )
+    # Without 2-process cells there is no 2-process line, and SyncBRN is read from the
+    # trainer's Batch Renorm at 2B.
+    local = study.summarize(
+        [r for r in rows if r["norm"] in ("bn", "brn_m01")], batches, policy, spatial=4
+    )
+    assert set(local["auto"]) == {16, 8, 4, 2}
+    assert local["auto2"][2]["same_as"] == "brn_m01, 1 process, B=4"
+    assert local["auto2"][4]["same_as"] == "bn, 1 process, B=8"
+    # ... and with no GN cells there is no pick where the policy wants GN.
+    only_bn = [r for r in rows if r["norm"] == "bn"]
+    assert set(study.summarize(only_bn, batches, policy, spatial=1)["auto"]) == {16, 8}

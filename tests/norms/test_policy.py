@@ -6,39 +6,82 @@ from norms import PARTS, NormPolicy, select_norm
 @pytest.mark.parametrize(
     "world,batch,expected",
     [
-        (1, 16, "bn"),
+        (1, 8, "bn"),
         (1, 64, "bn"),
-        (1, 15, "gn"),
+        (1, 7, "gn"),
         (1, 1, "gn"),
-        (8, 2, "syncbn"),  # 16 >= 16
-        (2, 8, "syncbn"),
+        (4, 2, "syncbn"),  # 8 >= 8
+        (2, 4, "syncbn"),
         (64, 1, "syncbn"),
-        (2, 7, "gn"),  # 14 < 16
-        (3, 5, "gn"),
+        (2, 3, "gn"),  # 6 < 8
+        (3, 2, "gn"),
     ],
 )
 @pytest.mark.parametrize("part", ["backbone", "neck"])
 def test_default_table_backbone_and_neck(world, batch, expected, part):
+    # No feature map size given: below min_batch the values per statistic are unknown,
+    # so the policy takes the norm without batch statistics.
     choice = select_norm(world, batch, part)
     # Weight Standardization goes with GroupNorm, never with a BN-family kind.
     assert (choice.kind, choice.ws, choice.part) == (expected, expected == "gn", part)
 
 
 @pytest.mark.parametrize(
+    "world,batch,spatial,expected",
+    [
+        # one process: batch x H x W values per statistic against min_values 8
+        (1, 4, 4, "brn"),  # 16 values: the detection study's Batch Renorm cell
+        (1, 2, 4, "brn"),  # 8, at the bar
+        (1, 1, 4, "gn"),  # 4: the detection study's GN + WS cell
+        (1, 4, 1, "gn"),  # 4: the classification study (1x1 last stage)
+        (1, 7, 1, "gn"),
+        (1, 7, 2, "brn"),
+        (1, 1, 64, "brn"),
+        (1, 8, 1, "bn"),  # min_batch first: the map does not matter from 8 images
+        # several processes: the combined batch
+        (2, 2, 4, "syncbrn"),  # 4 x 4 = 16
+        (2, 1, 4, "syncbrn"),  # 2 x 4 = 8
+        (2, 1, 1, "gn"),  # 2 x 1
+        (3, 2, 1, "gn"),  # 6 x 1
+        (2, 4, 1, "syncbn"),  # 8 >= min_batch
+    ],
+)
+def test_values_per_statistic_decide_below_min_batch(world, batch, spatial, expected):
+    choice = select_norm(world, batch, "backbone", spatial=spatial)
+    assert (choice.kind, choice.ws) == (expected, expected == "gn")
+    if expected != "syncbn" and expected != "bn":
+        values = world * batch * spatial
+        assert f"{world * batch} x {spatial} = {values} values per statistic" in choice.reason
+        assert ("<" if expected == "gn" else ">=") + " min_values 8" in choice.reason
+
+
+def test_min_values_knob_and_bad_spatial():
+    assert select_norm(1, 2, spatial=4, policy=NormPolicy(min_values=9)).kind == "gn"
+    assert select_norm(1, 2, spatial=4, policy=NormPolicy(min_values=8)).kind == "brn"
+    with pytest.raises(ValueError, match="min_values must be >= 1, got 0"):
+        NormPolicy(min_values=0)
+    with pytest.raises(ValueError, match="spatial=0"):
+        select_norm(1, 2, spatial=0)
+
+
+@pytest.mark.parametrize(
     "world,batch,expected",
-    [(1, 15, "brn"), (1, 1, "brn"), (2, 7, "syncbrn"), (3, 5, "syncbrn"), (1, 16, "bn")],
+    [(1, 7, "brn"), (1, 1, "brn"), (2, 3, "syncbrn"), (3, 2, "syncbrn"), (1, 8, "bn")],
 )
 def test_small_batch_brn_restores_batch_renorm(world, batch, expected):
-    choice = select_norm(world, batch, policy=NormPolicy(small_batch="brn"))
-    assert (choice.kind, choice.ws) == (expected, False)
-    if expected != "bn":
-        assert "norm.policy.small_batch=brn" in choice.reason
+    for spatial in (None, 1):  # whatever the values per statistic
+        choice = select_norm(world, batch, policy=NormPolicy(small_batch="brn"), spatial=spatial)
+        assert (choice.kind, choice.ws) == (expected, False)
+        if expected != "bn":
+            assert "norm.policy.small_batch=brn" in choice.reason
 
 
 def test_small_batch_gn_says_why_and_gn_ws_knob():
     choice = select_norm(1, 2)
     assert "GroupNorm + Weight Standardization" in choice.reason
-    assert "Batch Renorm won no cell of the classification study" in choice.reason
+    assert "values per statistic unknown" in choice.reason
+    forced = select_norm(1, 2, spatial=64, policy=NormPolicy(small_batch="gn"))
+    assert forced.kind == "gn" and "norm.policy.small_batch=gn" in forced.reason
     plain = select_norm(1, 2, "neck", NormPolicy(gn_ws=False))
     assert (plain.kind, plain.ws) == ("gn", False)
     assert "Weight Standardization" not in plain.reason
@@ -56,6 +99,8 @@ def test_pretrained_backbone_below_min_batch_keeps_its_bn_statistics():
     assert "pretrained BN weights that GroupNorm cannot reuse" in choice.reason
     assert select_norm(1, 2, "neck", p).kind == "gn"  # the FPN has no pretrained weights
     assert select_norm(1, 32, "backbone", p).kind == "bn"
+    # Batch Renorm (enough values per statistic) reuses BN weights: no freezing needed.
+    assert select_norm(1, 2, "backbone", p, spatial=16).kind == "brn"
     assert (
         select_norm(1, 2, "backbone", NormPolicy(pretrained_backbone=True, small_batch="brn")).kind
         == "brn"
@@ -69,11 +114,11 @@ def test_default_head_is_gn_with_ws(world, batch):
 
 
 def test_reasons_carry_the_numbers():
-    assert select_norm(8, 2).reason == (
-        "world_size 8 x per_device_batch 2 = 16 >= min_batch 16: SyncBN over all ranks"
+    assert select_norm(4, 2).reason == (
+        "world_size 4 x per_device_batch 2 = 8 >= min_batch 8: SyncBN over all ranks"
     )
-    assert "per_device_batch 4 < min_batch 16" in select_norm(1, 4).reason
-    assert "2 x per_device_batch 4 = 8 < min_batch 16" in select_norm(2, 4).reason
+    assert "per_device_batch 4 < min_batch 8" in select_norm(1, 4).reason
+    assert "2 x per_device_batch 3 = 6 < min_batch 8" in select_norm(2, 3).reason
     assert "32 groups of 64 channels" in select_norm(1, 2, "head", channels=[64]).reason
 
 

@@ -18,10 +18,11 @@ from trainer.inference import load_run, read_images
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("runs")
-    # The detector with Batch Renorm (small_batch=brn), so export's BRN -> BN path is
-    # covered; the classifier with the default GroupNorm + WS.
+    # The detector with the policy's Batch Renorm (64 px, batch 2: 8 values per
+    # statistic), so export's BRN -> BN path is covered; the classifier with its GroupNorm
+    # + WS (32 px, batch 4: 4 values).
     for config, name, fast in (
-        ("shapes_det.yaml", "det", [*FAST_DET, "norm.policy.small_batch=brn"]),
+        ("shapes_det.yaml", "det", FAST_DET),
         ("shapes_cls.yaml", "cls", FAST_CLS),
     ):
         args = train_args(ROOT / "configs" / config, out, data_root, name, *fast)

@@ -22,7 +22,7 @@ def test_default_preset_is_fcos_on_shapes():
     cfg = load_config(ROOT / "configs/shapes_det.yaml")
     assert cfg.model.arch == "fcos_resnet18_fpn" and cfg.data.dataset == "shapes"
     assert cfg.wandb.mode == "offline"
-    assert cfg.norm.override.backbone is None and cfg.norm.policy.min_batch == 16
+    assert cfg.norm.override.backbone is None and cfg.norm.policy.min_batch == 8
     assert load_config(ROOT / "configs/shapes_cls.yaml").model.task == "classification"
 
 

@@ -31,9 +31,9 @@ CLS = str(ROOT / "configs/shapes_cls.yaml")
 
 def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
     out = tmp_path / "runs"
-    # small_batch=brn: this run also covers Batch Renorm's metrics and precise BN.
-    brn = "norm.policy.small_batch=brn"
-    run(train_cmd(DET, out, data_root, "det", *FAST_DET, "wandb.mode=offline", brn))
+    # The policy at 64 px and batch 2 (2 x 2x2 = 8 values per statistic): Batch Renorm,
+    # so this run also covers its metrics and precise BN.
+    run(train_cmd(DET, out, data_root, "det", *FAST_DET, "wandb.mode=offline"))
     run_dir = out / "det"
     cfg = (run_dir / "config.yaml").read_text()
     assert "per_device_batch: 2" in cfg and "${" not in cfg
@@ -82,7 +82,7 @@ def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
     assert any(k.startswith("brn/") and k.endswith("/r_dev") for r in logged for k in r)
     # Precise BN (auto: Batch Renorm at batch 2 < 16) before each save: its cost is logged,
     # the saved model carries the recalibrated statistics, the training averages ride along.
-    assert policy["precise_bn"]["enabled"] and "2 < min_batch 16" in policy["precise_bn"]["reason"]
+    assert policy["precise_bn"]["enabled"] and "2 < min_batch 8" in policy["precise_bn"]["reason"]
     cost = [r for r in metrics if "precise_bn_s" in r]
     assert [r["step"] for r in cost] == [2, 4] and all(r["precise_bn_batches"] == 12 for r in cost)
     assert any("precise_bn_s" in r for r in logged)
@@ -159,7 +159,10 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(tmp_path, data_root
 
 @pytest.mark.dist
 @pytest.mark.parametrize(
-    "batch,kind,policy", [(4, "syncbrn", ["norm.policy.small_batch=brn"]), (8, "syncbn", [])]
+    # 64 px: a 2x2 last stage.  2 x 2 = 4 images < min_batch 8 but 16 values per
+    # statistic: synchronized Batch Renorm; 2 x 4 = 8 images: SyncBN.
+    "batch,kind,policy",
+    [(2, "syncbrn", []), (4, "syncbn", [])],
 )
 def test_torchrun_two_processes(tmp_path, data_root, batch, kind, policy):
     out = tmp_path / "runs"
@@ -175,9 +178,10 @@ def test_torchrun_two_processes(tmp_path, data_root, batch, kind, policy):
 @pytest.mark.dist
 def test_resume_two_processes_then_one(tmp_path, data_root):
     out = tmp_path / "runs"
-    # small_batch=brn: the synchronized BN-family state (running stats, BRN's step count)
-    # is what has to survive the change of world size.
-    extra = ["train.per_device_batch=4", "norm.policy.small_batch=brn"]
+    # 2 x 2 images at 64 px: synchronized Batch Renorm (16 values per statistic), then
+    # Batch Renorm on one process (8): the BN-family state (running stats, BRN's step
+    # count) is what has to survive the change of world size.
+    extra = ["train.per_device_batch=2"]
     args = train_cmd(DET, out, data_root, "ws", *FAST_DET, *extra)[1:]
     run(torchrun_cmd(2, *args, "train.max_steps=2"))
     assert (
