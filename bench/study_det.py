@@ -1,7 +1,7 @@
 """The detection study: COCO mAP of the default FCOS preset vs per-device batch, per norm.
 
     python bench/study_det.py              # the grid (a few CPU hours; resumable)
-    python bench/study_det.py --quick      # 2 batch sizes, 1 seed, a few steps (~1 min)
+    python bench/study_det.py --quick      # 2 batch sizes, 1 seed, a few steps (~2 min)
 
 Every cell is a real run of the trainer (``trainer.loop.train``, in process; the
 2-process cells on 2 gloo processes over 127.0.0.1) on the embedded shapes detection
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.batches, args.sync_batches, args.seeds, args.samples = [4, 2], [2], 1, 16
+        args.batches, args.sync_batches, args.seeds, args.samples = [8, 2], [2], 1, 16
         args.num_train, args.num_val = 32, 8
     if min(args.batches + args.sync_batches) < 1 or args.seeds < 1 or args.samples < 1:
         ap.error("--batches, --sync-batches, --seeds and --samples must be >= 1")

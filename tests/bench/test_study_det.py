@@ -16,14 +16,16 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     result = json.loads((out / "study_det_quick.json").read_text())
     assert result["metric"].startswith("COCO mAP@.5")
     got = {(c["norm"], c["batch"], c["world"]): c for c in result["cells"]}
-    one = {(n, b, 1) for n in ("bn", "gn_ws", "auto") for b in (4, 2)}
+    one = {(n, b, 1) for n in ("bn", "gn_ws", "auto") for b in (8, 2)}
     assert set(got) == one | {("syncbn", 2, 2)}
-    # The policy at batch 2 and 4 on one process: GroupNorm + WS, i.e. the gn_ws line's
-    # plan, so auto takes those runs instead of repeating them.
-    for b in (4, 2):
-        assert got["auto", b, 1]["picked"] == "gn+ws"
-        assert got["auto", b, 1]["same_as"] == "gn_ws"
-        assert got["auto", b, 1]["values"] == got["gn_ws", b, 1]["values"]
+    # The policy on one process at 64 px (a 2x2 last stage): BN at 8 = min_batch, i.e.
+    # the bn line's plan, so auto takes that run instead of repeating it; at 2, 8 values
+    # per statistic: Batch Renorm with precise BN, a plan no other line has: its own run.
+    assert got["auto", 8, 1]["picked"] == "bn"
+    assert got["auto", 8, 1]["same_as"] == "bn"
+    assert got["auto", 8, 1]["values"] == got["bn", 8, 1]["values"]
+    assert got["auto", 2, 1]["picked"] == "brn+precise_bn"
+    assert "same_as" not in got["auto", 2, 1]
     for c in result["cells"]:
         assert c["seeds"] == [0]
         assert all(0 <= v <= 100 for v in c["values"] + c["values_map_50_95"])
@@ -38,19 +40,20 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     # One wandb run per training run, grouped per cell; auto's runs are gn_ws's, not
     # logged twice.
     logged = wandb_runs(out / "wandb")
-    assert set(logged) == {f"det_{n}_b{b}_s0" for n in ("bn", "gn_ws") for b in (4, 2)} | {
-        "det_syncbn_b2_s0"
+    assert set(logged) == {f"det_{n}_b{b}_s0" for n in ("bn", "gn_ws") for b in (8, 2)} | {
+        "det_auto_b2_s0",
+        "det_syncbn_b2_s0",
     }
     assert logged["det_syncbn_b2_s0"]["group"] == "det_syncbn_b2_w2"
-    assert logged["det_bn_b4_s0"]["history"]["mAP50"] == runs["bn", 4]["mAP50"]
+    assert logged["det_bn_b8_s0"]["history"]["mAP50"] == runs["bn", 8]["mAP50"]
     again = run_bench("study_det.py", *args, timeout=300, env=env)
-    assert again.returncode == 0 and "5 of 5 cells already in" in again.stdout
+    assert again.returncode == 0 and "6 of 6 cells already in" in again.stdout
     assert "wandb: 0 new runs" in again.stdout
     # --report-only trains nothing: a missing cell stays missing from the report
-    (out / "study_det_quick_cells" / "bn_b4_s0.json").unlink()
+    (out / "study_det_quick_cells" / "gn_ws_b8_s0.json").unlink()
     report = run_bench("study_det.py", *args, "--report-only", timeout=300)
-    assert report.returncode == 0 and "4 of 5 cells already in" in report.stdout
-    assert not (out / "study_det_quick_cells" / "bn_b4_s0.json").exists()
+    assert report.returncode == 0 and "5 of 6 cells already in" in report.stdout
+    assert not (out / "study_det_quick_cells" / "gn_ws_b8_s0.json").exists()
     result = json.loads((out / "study_det_quick.json").read_text())
-    assert ("bn", 4) not in {(c["norm"], c["batch"]) for c in result["cells"]}
+    assert ("gn_ws", 8) not in {(c["norm"], c["batch"]) for c in result["cells"]}
     assert "(n=1)" in (out / "study_det_quick.md").read_text()
