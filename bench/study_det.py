@@ -336,6 +336,8 @@ def main(argv=None) -> int:
         twins = [o for o in cells if o["line"] != "auto" and o["batch"] == c["batch"]]
         twins = [o for o in twins if o["seed"] == c["seed"] and o["world"] == 1]
         sig = plan_signature(c)
+        if any(kind in ("brn", "syncbrn") for _, kind, _, _ in sig[0]):
+            c["brn"] = brn  # the policy's Batch Renorm: its settings are the cell's recipe
         match = next((o for o in twins if plan_signature(o) == sig), None)
         if match is not None:
             same_as[id(c)] = match

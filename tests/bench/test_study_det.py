@@ -1,9 +1,11 @@
 """bench/study_det.py --quick: real trainer runs per cell, resumable, the issue's schema."""
 
+import dataclasses
 import json
 
 from tests.helpers import run_bench, subprocess_env
 from tests.trainer.wandb_reader import wandb_runs
+from trainer.config import BatchRenormConfig
 
 
 def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
@@ -31,6 +33,10 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
         assert all(0 <= v <= 100 for v in c["values"] + c["values_map_50_95"])
     runs = {(r["line"], r["batch"]): r for r in result["runs"]}
     assert runs["bn", 2]["kinds"]["backbone"] == "bn" and not runs["bn", 2]["precise_bn"]
+    # The policy's Batch Renorm cell records the settings it ran with, as the brn line's do
+    # (a new default reruns it).
+    assert runs["auto", 2]["brn"] == dataclasses.asdict(BatchRenormConfig())
+    assert runs["auto", 2]["precise_bn"] and "brn" not in runs["bn", 2]
     assert runs["gn_ws", 2]["ws"] == {"backbone": True, "neck": True, "head": True}
     assert runs["syncbn", 2]["world"] == 2 and runs["syncbn", 2]["kinds"]["neck"] == "syncbn"
     table = (out / "study_det_quick.md").read_text()
