@@ -91,7 +91,7 @@ def _snapshot(folder: Path) -> dict:
     [
         (["model.arch=retinanet_resnet18_fpn"], "is from model.arch='fcos_resnet18_fpn'"),
         (["model.fpn_channels=16"], "does not fit this model"),
-        (["norm.override.neck=bn"], "has neck norm 'gn', this run's policy picks 'bn'"),
+        (["norm.override.neck=gn"], "has neck norm 'brn', this run's policy picks 'gn'"),
     ],
 )
 def test_checkpoint_from_another_model_is_refused_and_kept(
