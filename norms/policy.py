@@ -1,9 +1,10 @@
-"""Which normalization each part of a model gets, from world size and per-device batch.
+"""Which normalization each part of a model gets, from world size, per-device batch and
+the size of the part's smallest normalized feature map.
 
 BatchNorm's statistics get noisy when few samples share them.  In the GroupNorm paper
 (Wu & He 2018, Fig. 1) ResNet-50's ImageNet error with BN is 23.6% at 32 images/GPU,
 23.7% at 16, then 24.8% at 8, 27.3% at 4 and 34.7% at 2; GroupNorm stays at ~24% at any
-batch.  Hence the default ``min_batch = 16`` samples sharing one set of statistics.
+batch.  Our own studies (below) put the threshold at ``min_batch = 8``.
 
 Rules, in order of precedence (``part`` is backbone, neck or head):
 
