@@ -345,8 +345,10 @@ def main(argv=None) -> int:
     rows = [r for c in runs if (r := store.get(c)) is not None]
     print(f"{len(rows)} of {len(runs)} cells already in {store.folder}", flush=True)
     todo = [] if args.report_only else [c for c in runs if store.get(c) is None]
-    # Smallest batch (the longest runs) first, so the pool's last jobs are short ones.
-    todo.sort(key=lambda c: c["batch"])
+    # One-process cells: smallest batch (the longest runs) first, so the pool's last jobs
+    # are short ones.  2-process cells run one at a time, seed by seed, so a grid cut
+    # short by a session's end still has every cell at the seeds it reached.
+    todo.sort(key=lambda c: (c["batch"],) if c["world"] == 1 else (c["seed"], c["batch"]))
     with mp.get_context("spawn").Pool(max(1, args.jobs)) as pool:
         for row in pool.imap_unordered(_single, [c for c in todo if c["world"] == 1]):
             rows.append(store.put(row))
