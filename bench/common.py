@@ -66,6 +66,11 @@ class CellStore:
         return row
 
 
+# The auto policy's line in every study plot: drawn wide and pale under the line it
+# picked in each cell, so the picks show through.
+AUTO_STYLE = dict(color="black", linestyle="--", linewidth=2.5, alpha=0.35)
+
+
 def plot_vs_batch(panels: list[tuple[str, list]], batches: list[int], path: Path, title: str):
     """One panel per (y label, series); a series is (label, {batch: (mean, std)}, style
     kwargs).  Per-device batch on a log2 x axis, largest first; std as error bars."""

@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import CellStore, log_runs_wandb, machine, plot_vs_batch  # noqa: E402
+from common import AUTO_STYLE, CellStore, log_runs_wandb, machine, plot_vs_batch  # noqa: E402
 
 from trainer.config import BatchRenormConfig, load_config  # noqa: E402
 from trainer.distributed import DistEnv, spawn_gloo  # noqa: E402
@@ -238,7 +238,7 @@ LABELS = {
     "syncbrn": "SyncBRN (2 procs x B)",
 }
 STYLE = {
-    "auto": dict(color="black", linestyle="--", linewidth=2.5, alpha=0.35),
+    "auto": AUTO_STYLE,
     "syncbn": dict(linestyle=":"),
     "syncbrn": dict(linestyle=":"),
 }

@@ -9,7 +9,7 @@ import statistics
 import uuid
 from pathlib import Path
 
-from common import log_runs_wandb, plot_vs_batch
+from common import AUTO_STYLE, log_runs_wandb, plot_vs_batch
 
 from norms import NormPolicy, select_norm
 
@@ -303,7 +303,7 @@ def _seed_counts(cells: dict, batches: list[int]) -> str:
 
 def plot(cells: dict, batches: list[int], path: Path, title: str) -> None:
     style = {
-        "auto": dict(color="black", linestyle="--", linewidth=2.5, alpha=0.35),
+        "auto": AUTO_STYLE,
         "auto2": dict(color="grey", linestyle=":", linewidth=2.5, alpha=0.5),
     }
     panels = []

@@ -189,17 +189,22 @@ def _batch_rule(world_size: int, batch: int, p: NormPolicy, spatial: int | None)
             f"{p.min_batch}: SyncBN over all ranks"
         )
     why = f"world_size {world_size} x per_device_batch {batch} = {total} < min_batch {p.min_batch}"
-    small, how = _small_batch(total, spatial, p)
+    small, how = _small_batch(total, spatial, p, sync=True)
     if small == "brn":
-        return "syncbrn", f"{why}; {how.replace('Batch Renorm', 'synchronized Batch Renorm')}"
+        return "syncbrn", f"{why}; {how}"
     return small, f"{why}, even combined; {how}"
 
 
-def _small_batch(batch: int, spatial: int | None, p: NormPolicy) -> tuple[str, str]:
-    """Below min_batch: Batch Renorm or GroupNorm (+ WS), and why, in the table's words."""
+def _small_batch(
+    batch: int, spatial: int | None, p: NormPolicy, sync: bool = False
+) -> tuple[str, str]:
+    """Below min_batch: Batch Renorm or GroupNorm (+ WS), and why, in the table's words.
+    ``batch`` is what one statistic sees: the combined batch when ``sync``, and then the
+    Batch Renorm named is the synchronized one (the caller maps "brn" to "syncbrn")."""
     gn = f"GroupNorm{' + Weight Standardization' if p.gn_ws else ''}, no batch statistics"
+    brn = "synchronized Batch Renorm" if sync else "Batch Renorm"
     if p.small_batch == "brn":
-        return "brn", "Batch Renorm (norm.policy.small_batch=brn)"
+        return "brn", f"{brn} (norm.policy.small_batch=brn)"
     if p.small_batch == "gn":
         return "gn", f"{gn} (norm.policy.small_batch=gn)"
     if spatial is None:
@@ -208,7 +213,7 @@ def _small_batch(batch: int, spatial: int | None, p: NormPolicy) -> tuple[str, s
     if values >= p.min_values:
         return "brn", (
             f"{batch} x {spatial} = {values} values per statistic at the smallest normalized "
-            f"map >= min_values {p.min_values}: Batch Renorm"
+            f"map >= min_values {p.min_values}: {brn}"
         )
     return "gn", (
         f"{batch} x {spatial} = {values} values per statistic at the smallest normalized map "
