@@ -53,6 +53,9 @@ def test_values_per_statistic_decide_below_min_batch(world, batch, spatial, expe
         values = world * batch * spatial
         assert f"{world * batch} x {spatial} = {values} values per statistic" in choice.reason
         assert ("<" if expected == "gn" else ">=") + " min_values 8" in choice.reason
+    # the reason names the kind it picked, the synchronized one on several ranks
+    name = {"brn": ": Batch Renorm", "syncbrn": ": synchronized Batch Renorm"}.get(expected)
+    assert name is None or choice.reason.endswith(name)
 
 
 def test_min_values_knob_and_bad_spatial():
@@ -73,7 +76,8 @@ def test_small_batch_brn_restores_batch_renorm(world, batch, expected):
         choice = select_norm(world, batch, policy=NormPolicy(small_batch="brn"), spatial=spatial)
         assert (choice.kind, choice.ws) == (expected, False)
         if expected != "bn":
-            assert "norm.policy.small_batch=brn" in choice.reason
+            brn = "synchronized Batch Renorm" if world > 1 else "Batch Renorm"
+            assert f"; {brn} (norm.policy.small_batch=brn)" in choice.reason
 
 
 def test_small_batch_gn_says_why_and_gn_ws_knob():
