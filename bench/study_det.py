@@ -14,11 +14,13 @@ Lines: ``bn``, ``brn`` (the backbone and FPN forced to that kind, Batch Renorm w
 trainer's ``norm.brn`` defaults, which its cells record; the head is the policy's
 GroupNorm + WS everywhere; no precise BN), ``gn_ws`` (GroupNorm + Weight Standardization
 in the backbone and FPN too), ``auto`` (the policy's choice, precise BN included where it
-turns it on), and ``syncbn`` / ``syncbrn`` on 2 processes of B each.
+turns it on), and on 2 processes of B each ``syncbn`` / ``syncbrn`` (no precise BN) and
+``auto2``, the policy's choice there (``norm: auto, world: 2`` in the JSON).
 
-An ``auto`` cell whose resolved plan (each part's kind, WS and sync group, and precise
-BN) is that of another line's cell at the same batch and seed would be the same run, so
-it is not run again: it takes that cell's numbers and says which (``same_as``).
+An ``auto`` (``auto2``) cell whose resolved plan (each part's kind, WS and sync group, and
+precise BN) is that of a one-process (2-process) line's cell at the same batch and seed
+would be the same run, so it is not run again: it takes that cell's numbers and says
+which (``same_as``).
 
 Each finished cell is one JSON file in ``<out>/study_det_cells/``, reused when present
 with the same recipe.  One-process cells run ``--jobs`` at a time, one thread each.
@@ -53,8 +55,9 @@ from trainer.norm_plan import plan_norms, precise_bn_plan  # noqa: E402
 
 CONFIG = ROOT / "configs" / "shapes_det.yaml"
 
-LINES = ("bn", "brn", "gn_ws", "auto", "syncbn", "syncbrn")
-SYNC = ("syncbn", "syncbrn")
+LINES = ("bn", "brn", "gn_ws", "auto", "syncbn", "syncbrn", "auto2")
+SYNC = ("syncbn", "syncbrn", "auto2")  # the lines run on 2 processes of B each
+AUTO = {"auto": ("bn", "brn", "gn_ws"), "auto2": ("syncbn", "syncbrn")}  # vs these lines
 OVERRIDES = {  # what each line sets on top of the recipe
     "bn": ["norm.override.backbone=bn", "norm.override.neck=bn", "norm.precise_bn.enabled=false"],
     "brn": [
@@ -64,6 +67,7 @@ OVERRIDES = {  # what each line sets on top of the recipe
     ],
     "gn_ws": ["norm.override.backbone=gn", "norm.override.neck=gn"],
     "auto": [],
+    "auto2": [],
     "syncbn": [
         "norm.override.backbone=syncbn",
         "norm.override.neck=syncbn",
@@ -168,14 +172,14 @@ def schema(cells: dict) -> dict:
     out = []
     for (line, b), c in sorted(cells.items(), key=lambda kv: (LINES.index(kv[0][0]), -kv[0][1])):
         entry = {
-            "norm": line,
+            "norm": "auto" if line in AUTO else line,
             "batch": b,
             "world": 2 if line in SYNC else 1,
             "seeds": c["seeds"],
             "values": c["map50"],
             "values_map_50_95": c["map"],
         }
-        if line == "auto":
+        if line in AUTO:
             entry["picked"] = c["picked"]
             if "same_as" in c:
                 entry["same_as"] = c["same_as"]
@@ -204,25 +208,34 @@ def markdown(cells: dict, meta: dict) -> str:
                     continue
                 text = f"{c[f'{key}_mean']:.1f} ± {c[f'{key}_std']:.1f} (n={len(c[key])})"
                 same = f", = {c['same_as']}" if "same_as" in c else ""
-                row.append(f"{text} ({c['picked']}{same})" if line == "auto" else text)
+                row.append(f"{text} ({c['picked']}{same})" if line in AUTO else text)
             lines.append(f"| {line} | " + " | ".join(row) + " |")
-    lines += ["", "auto against the best one-process line, mAP@.5, paired by seed:", ""]
-    lines += ["| B | auto | best | paired difference | bar | met |", "|---|---|---|---|---|---|"]
-    for b in batches:
-        if ("auto", b) not in cells:
+    lines += [
+        "",
+        "auto against the best line of as many processes (auto: bn, brn, gn_ws; auto2, the "
+        "policy on 2 processes: syncbn, syncbrn), mAP@.5, paired by seed:",
+        "",
+    ]
+    lines += [
+        "| line | B | auto | best | paired difference | bar | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for auto, b in ((auto, b) for auto in AUTO for b in batches):
+        if (auto, b) not in cells:
             continue
-        others = [n for n in ("bn", "brn", "gn_ws") if (n, b) in cells]
+        others = [n for n in AUTO[auto] if (n, b) in cells]
         if not others:
             continue
         best = max(others, key=lambda n: cells[n, b]["map50_mean"])
-        a, c = cells["auto", b], cells[best, b]
+        a, c = cells[auto, b], cells[best, b]
         common = sorted(set(a["seeds"]) & set(c["seeds"]))
         d = [a["map50"][a["seeds"].index(s)] - c["map50"][c["seeds"].index(s)] for s in common]
         se = c["map50_std"] / max(1, len(c["map50"])) ** 0.5
         bar = c["map50_mean"] - max(1.0, 2 * se)
         std = statistics.stdev(d) if len(d) > 1 else 0.0
         lines.append(
-            f"| {b} | {a['map50_mean']:.1f} ({a['picked']}) | {best} {c['map50_mean']:.1f} | "
+            f"| {auto} | {b} | {a['map50_mean']:.1f} ({a['picked']}) | {best} "
+            f"{c['map50_mean']:.1f} (n={len(c['map50'])}) | "
             f"{statistics.fmean(d):+.1f} ± {std:.1f} | {bar:.1f} | "
             f"{'yes' if a['map50_mean'] >= bar else 'NO'} |"
         )
@@ -236,11 +249,13 @@ LABELS = {
     "auto": "auto policy",
     "syncbn": "SyncBN (2 procs x B)",
     "syncbrn": "SyncBRN (2 procs x B)",
+    "auto2": "auto policy (2 procs x B)",
 }
 STYLE = {
     "auto": AUTO_STYLE,
     "syncbn": dict(linestyle=":"),
     "syncbrn": dict(linestyle=":"),
+    "auto2": dict(color="grey", linestyle=":", linewidth=2.5, alpha=0.5),
 }
 
 
@@ -332,9 +347,9 @@ def main(argv=None) -> int:
     ]
     # auto cells that resolve to another line's plan are that line's run (see above)
     same_as = {}
-    for c in (c for c in cells if c["line"] == "auto"):
-        twins = [o for o in cells if o["line"] != "auto" and o["batch"] == c["batch"]]
-        twins = [o for o in twins if o["seed"] == c["seed"] and o["world"] == 1]
+    for c in (c for c in cells if c["line"] in AUTO):
+        twins = [o for o in cells if o["line"] in AUTO[c["line"]] and o["batch"] == c["batch"]]
+        twins = [o for o in twins if o["seed"] == c["seed"]]
         sig = plan_signature(c)
         if any(kind in ("brn", "syncbrn") for _, kind, _, _ in sig[0]):
             c["brn"] = brn  # the policy's Batch Renorm: its settings are the cell's recipe
@@ -363,7 +378,7 @@ def main(argv=None) -> int:
         _report(rows[-1])
     for c in cells:
         if id(c) in same_as and (twin := store.get(same_as[id(c)])) is not None:
-            rows.append({**twin, "line": "auto", "same_as": twin["line"]})
+            rows.append({**twin, "line": c["line"], "same_as": twin["line"]})
     summary = summarize(rows)
     meta = dict(
         date=date.today().isoformat(),

@@ -10,7 +10,7 @@ from trainer.config import BatchRenormConfig
 
 def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
-    lines = ["bn", "gn_ws", "auto", "syncbn"]
+    lines = ["bn", "gn_ws", "auto", "syncbn", "auto2"]
     args = ["--quick", "--lines", *lines, "--out", out, "--data-root", data]
     env = {**subprocess_env(), "WANDB_MODE": "offline"}
     proc = run_bench("study_det.py", *args, timeout=600, env=env)
@@ -19,7 +19,7 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     assert result["metric"].startswith("COCO mAP@.5")
     got = {(c["norm"], c["batch"], c["world"]): c for c in result["cells"]}
     one = {(n, b, 1) for n in ("bn", "gn_ws", "auto") for b in (8, 2)}
-    assert set(got) == one | {("syncbn", 2, 2)}
+    assert set(got) == one | {("syncbn", 2, 2), ("auto", 2, 2)}
     # The policy on one process at 64 px (a 2x2 last stage): BN at 8 = min_batch, i.e.
     # the bn line's plan, so auto takes that run instead of repeating it; at 2, 8 values
     # per statistic: Batch Renorm with precise BN, a plan no other line has: its own run.
@@ -28,6 +28,10 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     assert got["auto", 8, 1]["values"] == got["bn", 8, 1]["values"]
     assert got["auto", 2, 1]["picked"] == "brn+precise_bn"
     assert "same_as" not in got["auto", 2, 1]
+    # On 2 processes of 2: 4 images x 4 = 16 values per statistic: synchronized Batch
+    # Renorm with precise BN (2 < min_batch per device), which the syncbn line is not.
+    assert got["auto", 2, 2]["picked"] == "syncbrn+precise_bn"
+    assert "same_as" not in got["auto", 2, 2]
     for c in result["cells"]:
         assert c["seeds"] == [0]
         assert all(0 <= v <= 100 for v in c["values"] + c["values_map_50_95"])
@@ -39,8 +43,18 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     assert runs["auto", 2]["precise_bn"] and "brn" not in runs["bn", 2]
     assert runs["gn_ws", 2]["ws"] == {"backbone": True, "neck": True, "head": True}
     assert runs["syncbn", 2]["world"] == 2 and runs["syncbn", 2]["kinds"]["neck"] == "syncbn"
+    assert runs["auto2", 2]["world"] == 2 and runs["auto2", 2]["brn"] == runs["auto", 2]["brn"]
     table = (out / "study_det_quick.md").read_text()
     assert "mAP@[.5:.95] (%)" in table and "paired by seed" in table
+    # each auto line is held to the best line of as many processes
+    verdict = {
+        (row.split(" | ")[0], row.split(" | ")[1]): row.split(" | ")[3].split()[0]
+        for row in table.split("paired by seed")[1].splitlines()
+        if row.startswith(("| auto | ", "| auto2 | "))
+    }
+    assert verdict[("| auto", "8")] in ("bn", "gn_ws")
+    assert verdict[("| auto", "2")] in ("bn", "gn_ws")
+    assert verdict[("| auto2", "2")] == "syncbn"
     png = (out / "study_det_quick.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     # One wandb run per training run, grouped per cell; auto's runs are gn_ws's, not
@@ -49,16 +63,17 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     assert set(logged) == {f"det_{n}_b{b}_s0" for n in ("bn", "gn_ws") for b in (8, 2)} | {
         "det_auto_b2_s0",
         "det_syncbn_b2_s0",
+        "det_auto2_b2_s0",
     }
     assert logged["det_syncbn_b2_s0"]["group"] == "det_syncbn_b2_w2"
     assert logged["det_bn_b8_s0"]["history"]["mAP50"] == runs["bn", 8]["mAP50"]
     again = run_bench("study_det.py", *args, timeout=300, env=env)
-    assert again.returncode == 0 and "6 of 6 cells already in" in again.stdout
+    assert again.returncode == 0 and "7 of 7 cells already in" in again.stdout
     assert "wandb: 0 new runs" in again.stdout
     # --report-only trains nothing: a missing cell stays missing from the report
     (out / "study_det_quick_cells" / "gn_ws_b8_s0.json").unlink()
     report = run_bench("study_det.py", *args, "--report-only", timeout=300)
-    assert report.returncode == 0 and "5 of 6 cells already in" in report.stdout
+    assert report.returncode == 0 and "6 of 7 cells already in" in report.stdout
     assert not (out / "study_det_quick_cells" / "gn_ws_b8_s0.json").exists()
     result = json.loads((out / "study_det_quick.json").read_text())
     assert ("gn_ws", 8) not in {(c["norm"], c["batch"]) for c in result["cells"]}
