@@ -90,12 +90,15 @@ def _check_before_workers(cfg) -> None:
     import torch
 
     from norms import resolve_device
-    from trainer.norm_plan import graph_plan
+    from trainer.norm_plan import graph_plan, plan_norms
 
-    device, _ = resolve_device(
+    device, backend = resolve_device(
         cfg.run.device, cfg.dist.backend, cuda_available=torch.cuda.is_available()
     )
-    graph_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), device)  # raises if impossible
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    graph_plan(cfg, world, device)  # these raise if the run is impossible
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or world
+    plan_norms(cfg, world, device, backend, local)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     try:  # the run folder must be writable before anything is built or started
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from norms import PARTS, NormChoice, NormPolicy, learns_running_stats, select_norm
+from norms import (
+    PARTS,
+    NormChoice,
+    NormPolicy,
+    choose_groups,
+    learns_running_stats,
+    select_norm,
+)
 from trainer.archs import BACKBONES, HEAD_STRIDE, backbone_of
 from trainer.config import Config
 from trainer.graphs import GraphPlan, plan_graphs
@@ -79,7 +86,7 @@ def plan_norms(
     groups inside a node (None: the whole world is one node)."""
     policy = norm_policy(cfg, local_world_size)
     maps = smallest_maps(cfg)
-    return {
+    plan = {
         part: select_norm(
             world_size,
             cfg.train.per_device_batch,
@@ -92,6 +99,30 @@ def plan_norms(
         )
         for part, widths in model_parts(cfg).items()
     }
+    _check_gn_values(cfg, plan, policy, maps)
+    return plan
+
+
+def _check_gn_values(
+    cfg: Config, plan: dict[str, NormChoice], policy: NormPolicy, maps: dict[str, int]
+) -> None:
+    """GroupNorm needs 2+ values per group: with 1 channel per group on a 1x1 map it
+    raises on a single image and, on more, silently outputs its bias (x - mean = 0).
+    Checked for the FPN parts, whose norm layers all have fpn_channels and all see the
+    part's smallest map (a backbone's widths and maps differ layer by layer)."""
+    c = cfg.model.fpn_channels
+    for part in ("neck", "head"):
+        if part not in plan or plan[part].kind != "gn":
+            continue
+        groups = policy.gn_groups or choose_groups(c)
+        if c // groups * maps[part] < 2:
+            raise ValueError(
+                f"model.fpn_channels={c}: the {part}'s GroupNorm ({groups} groups) has "
+                f"{c // groups} channel x {maps[part]} position = 1 value per group at its "
+                f"smallest map (data.image_size={cfg.data.image_size}), which GroupNorm "
+                f"cannot normalize; use model.fpn_channels >= {2 * groups}, "
+                f"norm.policy.gn_groups <= {c // 2}, or larger images"
+            )
 
 
 def graph_plan(cfg: Config, world_size: int, device: str) -> GraphPlan:

@@ -82,6 +82,15 @@ def test_corrupt_image_fails_every_rank_without_hanging(coco_copy, tmp_path):
     )
 
 
+def test_groupnorm_without_values_is_refused_before_the_run_folder(tmp_path, data_root, capsys):
+    # 32 groups of 32 channels on the head's 1x1 P7 at 64 px: 1 value per group
+    args = train_args(DET, tmp_path / "runs", data_root, "gn1", *FAST_DET)
+    assert main([*args, "norm.policy.gn_groups=32"]) == 2
+    err = capsys.readouterr().err
+    assert "model.fpn_channels=32: the head's GroupNorm (32 groups)" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def _snapshot(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -90,7 +99,7 @@ def _snapshot(folder: Path) -> dict:
     "change,message",
     [
         (["model.arch=retinanet_resnet18_fpn"], "is from model.arch='fcos_resnet18_fpn'"),
-        (["model.fpn_channels=16"], "does not fit this model"),
+        (["model.fpn_channels=64"], "does not fit this model"),
         (["norm.override.neck=gn"], "has neck norm 'brn', this run's policy picks 'gn'"),
     ],
 )

@@ -91,3 +91,35 @@ def test_smallest_maps_are_what_the_norm_layers_see(config, size):
         images = torch.rand(2, 3, size, size)
         model(list(images)) if cfg.model.task == "detection" else model(images)
     assert smallest_maps(cfg) == {part: min(sizes) for part, sizes in seen.items()}
+
+
+def test_groupnorm_with_one_value_per_group_is_refused_before_training():
+    import torch
+    from torch import nn
+
+    # Why: 1 channel per group on a 1x1 map. torch raises on one image and, on two,
+    # returns the bias alone: nothing of the input survives.
+    gn = nn.GroupNorm(32, 32)
+    nn.init.normal_(gn.bias)
+    x = torch.randn(2, 32, 1, 1)
+    bias = gn.bias.view(1, -1, 1, 1).expand_as(x)
+    torch.testing.assert_close(gn(x), bias, rtol=0, atol=1e-3)
+    torch.testing.assert_close(gn(5 * x + 1), bias, rtol=0, atol=1e-3)
+    with pytest.raises(ValueError):
+        gn(x[:1])
+    # 32 FPN channels at the default 96 px: the head's P7 is 1x1 and choose_groups(32) = 32.
+    cfg = load_config(DET, ["model.fpn_channels=32"])
+    with pytest.raises(ValueError, match=r"model.fpn_channels=32: the head's GroupNorm") as e:
+        plan_norms(cfg, 1, "cpu", "gloo")
+    assert "data.image_size=96" in str(e.value) and "gn_groups <= 16" in str(e.value)
+    # 2 channels per group, or a 2x2 P7, are enough
+    plan_norms(
+        load_config(DET, ["model.fpn_channels=32", "norm.policy.gn_groups=16"]), 1, "cpu", "gloo"
+    )
+    plan_norms(load_config(DET, ["model.fpn_channels=32", "data.image_size=256"]), 1, "cpu", "gloo")
+    # a neck forced to GN at 32 px (1x1 P5) is refused the same way
+    bad = ["model.fpn_channels=32", "data.image_size=32", "norm.override.head=bn"]
+    with pytest.raises(ValueError, match="the neck's GroupNorm"):
+        plan_norms(load_config(DET, [*bad, "norm.override.neck=gn"]), 1, "cpu", "gloo")
+    # the default detector (64 channels: 2 per group) plans
+    plan_norms(load_config(DET, []), 1, "cpu", "gloo")
