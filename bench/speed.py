@@ -131,6 +131,22 @@ def _hand_loop_seconds(preset, overrides, batches: list, steps: int, warmup: int
     return time.perf_counter() - t0
 
 
+def _step_seconds(preset: str, overrides: list[str], short: int, long: int, source) -> float:
+    """The trainer's time per step: runs of ``long`` and ``short`` steps, differenced, so
+    start-up (model build, first eval, checkpoint) cancels.  On a busy machine the
+    difference of two timings can come out <= 0 when few steps separate them; such a
+    measurement is impossible, so it is taken again (3 tries) rather than reported."""
+    for _ in range(3):
+        t_short = _trainer_seconds(preset, overrides, short, source)
+        t_long = _trainer_seconds(preset, overrides, long, source)
+        if t_long > t_short:
+            return (t_long - t_short) / (long - short)
+    raise RuntimeError(
+        f"{preset}: {long} steps timed no slower than {short} in 3 tries: timing noise "
+        "exceeds the steps' time; run on an idle machine or with more steps"
+    )
+
+
 # -- trainer overhead --------------------------------------------------------------------
 def trainer_overhead(repeats: int, short: int, long: int, data: list[str]) -> dict:
     preset = "shapes_cls.yaml"
@@ -141,9 +157,7 @@ def trainer_overhead(repeats: int, short: int, long: int, data: list[str]) -> di
     in_memory = _InMemory(batches, len(train_ds) // cfg.train.per_device_batch)
     trainer_step, hand_step = [], []
     for _ in range(repeats):
-        t_short = _trainer_seconds(preset, overrides, short, in_memory)
-        t_long = _trainer_seconds(preset, overrides, long, in_memory)
-        trainer_step.append((t_long - t_short) / (long - short))
+        trainer_step.append(_step_seconds(preset, overrides, short, long, in_memory))
         hand = _hand_loop_seconds(preset, overrides, batches, long - short)
         hand_step.append(hand / (long - short))
     t, h = statistics.median(trainer_step), statistics.median(hand_step)
@@ -192,9 +206,7 @@ def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
         runs = [(mem, base, in_memory)]
         runs += [(real[w], [*base, f"data.num_workers={w}"], None) for w in counts]
         for sink, overrides, source in runs:
-            t_short = _trainer_seconds(preset, overrides, short, source)
-            t_long = _trainer_seconds(preset, overrides, long, source)
-            sink.append((t_long - t_short) / (long - short))
+            sink.append(_step_seconds(preset, overrides, short, long, source))
     loader, model = statistics.median(loader_ips), statistics.median(model_ips)
     step_mem = statistics.median(mem)
     return {
