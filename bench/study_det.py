@@ -194,7 +194,7 @@ def markdown(cells: dict, meta: dict) -> str:
         f"{meta['num_train']} train / {meta['num_val']} val images), {meta['samples']} "
         f"training samples per run, mean ± std over each cell's n seeds (of {meta['seeds']}); "
         f"{meta['train_min']:.0f} min of training summed over the runs. B = per-device "
-        f"batch (syncbn/syncbrn: 2 processes x B). {meta['date']}, {meta['machine']}.",
+        f"batch (syncbn/syncbrn/auto2: 2 processes x B). {meta['date']}, {meta['machine']}.",
     ]
     for key, title in (("map50", "mAP@.5 (%)"), ("map", "mAP@[.5:.95] (%)")):
         lines += ["", f"{title}:", "", "| line | " + " | ".join(f"B={b}" for b in batches) + " |"]
