@@ -69,6 +69,8 @@ class CellStore:
 # The auto policy's line in every study plot: drawn wide and pale under the line it
 # picked in each cell, so the picks show through.
 AUTO_STYLE = dict(color="black", linestyle="--", linewidth=2.5, alpha=0.35)
+# ... and its 2-process line (dotted, as every 2-process line is).
+AUTO2_STYLE = dict(color="grey", linestyle=":", linewidth=2.5, alpha=0.5)
 
 
 def plot_vs_batch(panels: list[tuple[str, list]], batches: list[int], path: Path, title: str):

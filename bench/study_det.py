@@ -46,7 +46,7 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import AUTO_STYLE, CellStore, log_runs_wandb, machine, plot_vs_batch  # noqa: E402
+from common import AUTO2_STYLE, AUTO_STYLE, CellStore, log_runs_wandb, machine, plot_vs_batch  # noqa: E402
 
 from trainer.config import BatchRenormConfig, load_config  # noqa: E402
 from trainer.distributed import DistEnv, spawn_gloo  # noqa: E402
@@ -255,7 +255,7 @@ STYLE = {
     "auto": AUTO_STYLE,
     "syncbn": dict(linestyle=":"),
     "syncbrn": dict(linestyle=":"),
-    "auto2": dict(color="grey", linestyle=":", linewidth=2.5, alpha=0.5),
+    "auto2": AUTO2_STYLE,
 }
 
 

@@ -9,7 +9,7 @@ import statistics
 import uuid
 from pathlib import Path
 
-from common import AUTO_STYLE, log_runs_wandb, plot_vs_batch
+from common import AUTO2_STYLE, AUTO_STYLE, log_runs_wandb, plot_vs_batch
 
 from norms import NormPolicy, select_norm
 
@@ -304,7 +304,7 @@ def _seed_counts(cells: dict, batches: list[int]) -> str:
 def plot(cells: dict, batches: list[int], path: Path, title: str) -> None:
     style = {
         "auto": AUTO_STYLE,
-        "auto2": dict(color="grey", linestyle=":", linewidth=2.5, alpha=0.5),
+        "auto2": AUTO2_STYLE,
     }
     panels = []
     for mean_key, std_key, scale, ylabel in (
