@@ -54,8 +54,15 @@ from trainer.training import build_training, load_datasets, loader_factory  # no
 CPU = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
 # Where the trainer and hand-loop steps run (--device); loading is always on the CPU.
 RUN = CPU
-# Trainer runs measure training steps: no wandb, no periodic checkpoint or evaluation.
-QUIET = ["wandb.mode=disabled", "checkpoint.interval=100000", "train.eval_interval=0"]
+# Trainer runs measure training steps: no wandb, no periodic checkpoint or evaluation,
+# no precise BN (it runs before an eval or a save, so only at the end here: the same in
+# the short and the long run, it cancels in their difference and only costs wall time).
+QUIET = [
+    "wandb.mode=disabled",
+    "checkpoint.interval=100000",
+    "train.eval_interval=0",
+    "norm.precise_bn.enabled=false",
+]
 
 
 def _sync() -> None:
@@ -227,42 +234,46 @@ def data_pipeline(repeats: int, short: int, long: int, data: list[str]) -> dict:
 
 
 # -- DDP on the CPU ------------------------------------------------------------------------
-def _ddp_worker(rank: int, world: int, kind: str, batch: int, size: int, steps: int, out: str):
+def _ddp_worker(rank: int, world: int, kinds: list, batch: int, size: int, steps: int, out: str):
+    """Each kind in turn in one process group: a fresh model, ``steps`` timed steps after
+    3 warm-up steps.  One spawn for all kinds, as starting the processes (importing torch)
+    costs more than the steps themselves."""
     torch.set_num_threads(1)
     from torchvision.models import resnet18
 
-    torch.manual_seed(0)
-    model = convert_norms(
-        resnet18(num_classes=3), kind, **({"warmup_steps": 0} if kind == "syncbrn" else {})
-    )
-    # World size 1 runs the plain model (sync layers take their no-collective path).
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 3, (batch,))
-    times = []
-    for i in range(steps + 3):
-        t0 = time.perf_counter()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
+    got = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        extra = {"warmup_steps": 0} if kind == "syncbrn" else {}
+        model = convert_norms(resnet18(num_classes=3), kind, **extra)
+        # World size 1 runs the plain model (sync layers take their no-collective path).
+        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(batch, 3, size, size)
+        y = torch.randint(0, 3, (batch,))
+        times = []
+        for i in range(steps + 3):
+            t0 = time.perf_counter()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        got[kind] = statistics.median(times)
     if rank == 0:
-        Path(out).write_text(json.dumps(statistics.median(times)))
+        Path(out).write_text(json.dumps(got))
 
 
 def ddp_cpu(repeats: int, steps: int, batch: int = 8, size: int = 64) -> dict:
-    results: dict[str, dict[str, list[float]]] = {}
+    kinds = ["bn", "syncbn", "syncbrn"]
+    results: dict[str, dict[str, list[float]]] = {k: {"1": [], "2": []} for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "t.json")
         for _ in range(repeats):
-            for kind in ("bn", "syncbn", "syncbrn"):
-                for world in (1, 2):
-                    spawn_gloo(_ddp_worker, world, kind, batch, size, steps, out, timeout=None)
-                    results.setdefault(kind, {}).setdefault(str(world), []).append(
-                        json.loads(Path(out).read_text())
-                    )
+            for world in (1, 2):
+                spawn_gloo(_ddp_worker, world, kinds, batch, size, steps, out, timeout=None)
+                for kind, seconds in json.loads(Path(out).read_text()).items():
+                    results[kind][str(world)].append(seconds)
     rows = {}
     for kind, by_world in results.items():
         one, two = statistics.median(by_world["1"]), statistics.median(by_world["2"])
@@ -346,7 +357,9 @@ def main(argv=None) -> int:
     data = [f"data.root={args.data_root}", *(["data.num_train=64"] if args.quick else [])]
     res["trainer_overhead"] = trainer_overhead(args.repeats, short, long, data)
     print(json.dumps(res["trainer_overhead"]), flush=True)
-    res["data_pipeline"] = data_pipeline(args.repeats, short, long, data)
+    # --quick: the detection preset at 64 px (its steps, not its set-up, are what cost).
+    det = [*data, *(["data.image_size=64"] if args.quick else [])]
+    res["data_pipeline"] = data_pipeline(args.repeats, short, long, det)
     print(json.dumps(res["data_pipeline"]), flush=True)
     if args.device == "cpu":  # gloo processes on this machine's cores
         res["ddp_cpu"] = ddp_cpu(args.repeats, ddp_steps)
