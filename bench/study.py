@@ -27,9 +27,18 @@ would be read as a normalization effect.  With sqrt scaling the GN line is the c
 Why AdamW: this task has an initial plateau at chance that SGD (lr 0.02-0.1) often does
 not leave within the budget, which turns cells into a lottery.
 
-24,576 samples per run (16 epochs of 1,536 images): runs with fewer than ~300 optimizer
-steps stay on that plateau (SyncBN at 2 x 32 with 8,192 samples at 32 px: 128 steps,
-36%), so the budget is set by the largest global batch, 2 x 32, which gets 384 steps.
+24,576 samples per run (16 epochs of 1,536 images), and at least 1,536 optimizer steps
+(``--min-steps``), so B=16 and below see 24,576 samples and B=32 sees 49,152.  Why the
+floor: at a fixed sample budget B=32 gets 768 steps, which under-trains the run, and BN
+more than GN + WS.  Measured (5 seeds, bench/results/study_cls_b32_budget.md): at 768
+steps BN 93.8 ± 2.4% and GN + WS 96.5 ± 0.4%, BN below its own B=16 and B=8 runs (96.5,
+97.2, with 1,536 and 3,072 steps); at 1,536 steps BN 98.2 ± 0.6%, GN + WS 98.7 ± 0.5%;
+lr 4e-3 at 768 steps lifts BN to 97.3 ± 0.8% and GN + WS to 98.4 ± 0.7%, lr 1e-3 sinks
+both (81, 84).  So the B=32 gap was the schedule, not the normalization, and the column
+would have shown a BN failure at the batch size where BN is at its best.  Fewer than
+~300 steps stay on the plateau at chance (SyncBN at 2 x 32 with 8,192 samples at 32 px:
+128 steps, 36%).  A 2-process run of 2 x B has the steps of B' = 2B in one process, so
+the lines read from 1-process cells at 2B (see the report) keep the same recipe.
 Evaluation is in eval mode, i.e. with the running statistics a deployed model uses,
 which is where BatchNorm's small-batch weakness shows; accuracy and the validation
 cross-entropy (which still moves when accuracy saturates) are both reported.  Batch
@@ -173,7 +182,9 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
     x_val, y_val = data["val"]
     batch, seed = cell["batch"], cell["seed"]
     global_batch = batch * world
-    steps = cell["samples"] // global_batch
+    # The recipe's sample budget, but never fewer than min_steps optimizer steps (why:
+    # the module docstring).  Cells stored before the floor existed carry no min_steps.
+    steps = max(cell["samples"] // global_batch, cell.get("min_steps", 0))
     torch.manual_seed(seed)  # same initial weights for every norm with this seed
     widths = tuple(cell.get("widths", WIDTHS))
     model = build(cell["norm"], steps, widths)
@@ -285,6 +296,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[32, 16, 8, 4, 2])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=24576, help="training samples per run")
+    ap.add_argument(
+        "--min-steps",
+        type=int,
+        default=1536,
+        help="optimizer steps per run at least (a larger global batch then sees more samples)",
+    )
     ap.add_argument("--num-train", type=int, default=1536)
     ap.add_argument("--num-val", type=int, default=600)
     ap.add_argument("--image-size", type=int, default=16)
@@ -310,10 +327,12 @@ def main(argv=None) -> int:
         return render([Path(p) for p in args.render_only], Path(args.out), not args.no_wandb)
     if args.quick:
         args.batches, args.seeds, args.samples = [16, 2], 1, 256
-        args.num_train, args.num_val = 256, 90
+        args.num_train, args.num_val, args.min_steps = 256, 90, 0
     for name in ("seeds", "samples", "num_train", "num_val", "image_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.min_steps < 0:
+        ap.error(f"--min-steps must be >= 0, got {args.min_steps}")
     bad = [b for b in args.batches if b < 1 or 2 * b > args.samples]
     if bad:
         ap.error(f"--batches {bad}: each must be >= 1 and 2 x batch <= --samples")
@@ -331,6 +350,7 @@ def main(argv=None) -> int:
     )
     common = dict(
         samples=args.samples,
+        min_steps=args.min_steps,
         optimizer=args.optimizer,
         lr=args.lr,
         ref_batch=args.ref_batch,

@@ -218,12 +218,28 @@ def _table(cells: dict, batches: list[int], fmt) -> list[str]:
     return lines
 
 
+def _budget(meta: dict, batches: list[int], short: bool = False) -> str:
+    """The training budget in words: samples per run, and the step floor where it binds
+    (a 1-process run of B has samples // B steps)."""
+    samples, floor = meta["samples"], meta.get("min_steps", 0)
+    raised = [b for b in batches if samples // b < floor]
+    if not raised:
+        return f"{samples} {'' if short else 'training '}samples per run"
+    if short:
+        return f"{samples} samples per run, >= {floor} steps"
+    return (
+        f"{samples} training samples per run and at least {floor} optimizer steps (so "
+        + ", ".join(f"B={b} sees {floor * b}" for b in raised)
+        + "; bench/results/study_cls_b32_budget.md says why)"
+    )
+
+
 def markdown(cells: dict, batches: list[int], meta: dict) -> str:
     lines = [
         f"SmallResNet (widths {'-'.join(map(str, meta.get('widths', (16, 32, 64, 128))))}) "
         f"on shapes classification "
         f"({meta['image_size']} px, {meta['num_train']} train / {meta['num_val']} val images), "
-        f"{meta['samples']} training samples per run, {meta['optimizer']} lr {meta['lr']} at "
+        f"{_budget(meta, batches)}, {meta['optimizer']} lr {meta['lr']} at "
         f"batch {meta['ref_batch']} with {meta['lr_scaling']} scaling, mean ± std over "
         f"{_seed_counts(cells, batches)}, evaluated with running statistics. B = per-device "
         f"batch (2 procs: 2 processes x B). {meta['date']}, {meta['machine']}; "
@@ -376,7 +392,7 @@ def report(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) 
         summary,
         batches,
         out / f"{name}.png",
-        f"SmallResNet on shapes ({meta['image_size']} px), {meta['samples']} samples per run, "
+        f"SmallResNet on shapes ({meta['image_size']} px), {_budget(meta, batches, short=True)}, "
         f"{_seed_counts(summary, batches)}; eval with running statistics",
     )
     if use_wandb:

@@ -27,6 +27,7 @@ def cell(norm: str, batch: int) -> dict:
         batch=batch,
         seed=0,
         samples=32,
+        min_steps=6,  # binds at a global batch of 8 (32 // 8 = 4 steps), not at 4
         optimizer="adamw",
         lr=2e-3,
         ref_batch=32,
@@ -40,14 +41,22 @@ def test_two_processes_train_like_one_at_twice_the_batch(tiny_data, tmp_path, tw
     # What lets the report read a 2-process line from the 1-process cell at 2B.
     sync = study.run_sync(cell(two, 4), tiny_data, tmp_path)
     single = study.train_cell(cell(one, 8), tiny_data)
-    assert sync["world_size"] == 2 and sync["steps"] == single["steps"] == 4
+    # The step floor counts global steps: 2 x 4 and 1 x 8 both get min_steps.
+    assert sync["world_size"] == 2 and sync["steps"] == single["steps"] == 6
     assert sync["weights_l2"] == pytest.approx(single["weights_l2"], rel=1e-5)
     assert sync["acc"] == pytest.approx(single["acc"], abs=1 / 12 + 1e-9)
     if "acc_precise" in single:  # precise BN slices the same global batches
         assert sync["acc_precise"] == pytest.approx(single["acc_precise"], abs=1 / 12 + 1e-9)
     # ... and a different batch really trains differently (the fingerprint can fail).
     other = study.train_cell(cell(one, 4), tiny_data)
+    assert other["steps"] == 8  # 32 // 4 is above the floor: the sample budget rules
     assert other["weights_l2"] != pytest.approx(single["weights_l2"], rel=1e-5)
+
+
+def test_negative_min_steps_is_refused_naming_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--min-steps", "-1", "--out", "/nonexistent"])
+    assert "--min-steps must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
@@ -213,3 +222,16 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     # ... and with no GN cells there is no pick where the policy wants GN.
     only_bn = [r for r in rows if r["norm"] == "bn"]
     assert set(study.summarize(only_bn, batches, policy, spatial=1)["auto"]) == {16, 8}
+
+
+def test_report_names_the_batches_the_step_floor_raised():
+    from study_report import _budget
+
+    floor = _budget({"samples": 24576, "min_steps": 1536}, [32, 16, 8])
+    assert "at least 1536 optimizer steps" in floor and "B=32 sees 49152" in floor
+    assert "B=16" not in floor  # 24576 // 16 = 1536 steps: the floor does not bind
+    # Without a floor (or cells stored before it existed) only the sample budget shows.
+    assert _budget({"samples": 24576}, [32, 16]) == "24576 training samples per run"
+    assert _budget({"samples": 24576, "min_steps": 0}, [32], short=True) == (
+        "24576 samples per run"
+    )
