@@ -32,6 +32,14 @@ LABELS.update({f"{n}+pbn": f"{LABELS[n]} + precise BN" for n in NORMS})
 # 2-process policy line is "auto" at world 2.
 SCHEMA_NORM = {"gn": "gn_ws", "gn2": "gn_ws", "auto2": "auto"}
 TWO_PROCESS = ("syncbn", "syncbrn", "gn2", "auto2")
+
+
+def world_of(line: str) -> int:
+    """Processes behind a line's cells: 2 for the 2-process lines and their precise-BN
+    twins ("syncbn+pbn"), 1 for the rest."""
+    return 2 if line.split("+")[0] in TWO_PROCESS else 1
+
+
 # 2-process line -> the 1-process line whose cell at 2B is the same training run.
 # SyncBRN trains with the trainer's norm.brn defaults, which are brn_m01's.
 TWIN = {"syncbn": "bn", "syncbrn": "brn_m01", "gn2": "gn"}
@@ -140,7 +148,7 @@ def schema(cells: dict) -> dict:
             entry = {
                 "norm": SCHEMA_NORM.get(line, line),
                 "batch": b,
-                "world": 2 if line in TWO_PROCESS else 1,
+                "world": world_of(line),
                 "seeds": c["seeds"],
                 "values": [100 * a for a in c["accs"]],
             }
@@ -168,9 +176,7 @@ def paired_to_best(cells: dict, batches: list[int]) -> list[str]:
             candidates = [
                 n
                 for n in LINES
-                if not n.startswith("auto")
-                and (n.split("+")[0] in TWO_PROCESS) == (world == 2)
-                and b in cells.get(n, {})
+                if not n.startswith("auto") and world_of(n) == world and b in cells.get(n, {})
             ]
             best = max(candidates, key=lambda n: cells[n][b]["mean"])
             a, c = cells[auto][b], cells[best][b]

@@ -196,6 +196,14 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     assert cells["auto2"][4]["mean"] == pytest.approx(0.404)
     schema = {(c["norm"], c["batch"], c["world"]): c for c in study.schema(cells)["cells"]}
     assert schema["auto", 2, 2]["picked"] == "gn" and schema["gn_ws", 2, 2]["values"] == [30.4] * 2
+    # Every 2-process line is world 2 in the JSON, its precise-BN twin included (a
+    # "syncbn+pbn" labelled world 1 would read as a 1-process line beating auto).
+    bn_runs = [{**r, "acc_precise": r["acc"], "val_loss_precise": 1.0} for r in rows[:8]]
+    assert {r["norm"] for r in bn_runs} == {"bn"}
+    cells = study.summarize(bn_runs, batches, policy, spatial=1)
+    worlds = {(c["norm"], c["batch"]): c["world"] for c in study.schema(cells)["cells"]}
+    assert worlds["syncbn+pbn", 4] == worlds["syncbn", 4] == 2
+    assert worlds["bn+pbn", 8] == worlds["bn", 8] == 1
 
     # A 2x2 last stage: 4 B values, so Batch Renorm at 4 and 2 (16 and 8 values), read
     # from the line trained with the trainer's norm.brn defaults (brn_m01), and
