@@ -36,16 +36,15 @@ bench: $(STAMP)
 
 # The small-batch studies; both keep one file per finished cell and continue where they
 # stopped.  `--quick` versions run in make test.
-# The committed classification grid: 3 seeds everywhere, 5 at B >= 8 (lines within a
-# point there); the 2-process lines are read from the 1-process cells at 2B.
+# The committed classification grid: 5 seeds in every cell; the 2-process lines are read
+# from the 1-process cells at 2B.
 # `make study` runs both: every table, plot and JSON in bench/results/study_{cls,det}.*,
 # and the offline wandb runs (one per training run, grouped per cell) in bench/results/wandb.
 study: study-cls study-det
 
 STUDY_NORMS := bn brn brn_m01 brn_paper gn
 study-cls: $(STAMP)
-	$(PY) bench/study.py --norms $(STUDY_NORMS) --seeds 3 --no-wandb
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py --norms $(STUDY_NORMS) --seeds 5 --batches 32 16 8
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py --norms $(STUDY_NORMS) --seeds 5
 
 # The detection grid: bn, brn, gn_ws, auto at B=16..1 and syncbn, syncbrn, auto2 on 2
 # gloo processes at B=4, 2, 1; 3 seeds, 5 at 2 x 2 (SyncBN and SyncBRN within a point

@@ -27,7 +27,7 @@ Rules, in order of precedence (``part`` is backbone, neck or head):
 
 Why these defaults (min_batch 8, min_values 8): the two studies in bench/results.  In
 the classification study (study_cls.md; a 1x1 last stage, so values = batch) BN at
-batch 2 and 4 collapses (36% and 89%; with 2 values per statistic a normalized channel
+batch 2 and 4 collapses (35% and 91%; with 2 values per statistic a normalized channel
 is only its sign) and so does every Batch Renorm variant, while GN + WS holds 98%; at
 batch 8 and 16 BN is the best line.  In the detection study (study_det.md; 64 px
 images, a 2x2 last stage, values = 4 x batch) Batch Renorm is the best line at batch 4
