@@ -74,7 +74,15 @@ sys.path.insert(0, str(ROOT))
 from common import CellStore, machine  # noqa: E402
 
 # Re-exported: the study's public face is this script.
-from study_report import CLIP_STATS, NORMS, render, report, schema, summarize  # noqa: E402, F401
+from study_report import (  # noqa: E402, F401
+    CLIP_STATS,
+    NORMS,
+    render,
+    report,
+    run_steps,
+    schema,
+    summarize,
+)
 
 from norms import (  # noqa: E402
     convert_convs_to_ws,
@@ -182,9 +190,7 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
     x_val, y_val = data["val"]
     batch, seed = cell["batch"], cell["seed"]
     global_batch = batch * world
-    # The recipe's sample budget, but never fewer than min_steps optimizer steps (why:
-    # the module docstring).  Cells stored before the floor existed carry no min_steps.
-    steps = max(cell["samples"] // global_batch, cell.get("min_steps", 0))
+    steps = run_steps(cell, global_batch)
     torch.manual_seed(seed)  # same initial weights for every norm with this seed
     widths = tuple(cell.get("widths", WIDTHS))
     model = build(cell["norm"], steps, widths)

@@ -224,11 +224,17 @@ def _table(cells: dict, batches: list[int], fmt) -> list[str]:
     return lines
 
 
+def run_steps(recipe: dict, global_batch: int) -> int:
+    """Optimizer steps of a run: the recipe's sample budget, but never fewer than its
+    min_steps (why: bench/study.py's docstring; recipes from before the floor have none)."""
+    return max(recipe["samples"] // global_batch, recipe.get("min_steps", 0))
+
+
 def _budget(meta: dict, batches: list[int], short: bool = False) -> str:
     """The training budget in words: samples per run, and the step floor where it binds
-    (a 1-process run of B has samples // B steps)."""
+    (the 1-process runs whose steps exceed samples // B)."""
     samples, floor = meta["samples"], meta.get("min_steps", 0)
-    raised = [b for b in batches if samples // b < floor]
+    raised = [b for b in batches if run_steps(meta, b) > samples // b]
     if not raised:
         return f"{samples} {'' if short else 'training '}samples per run"
     if short:
