@@ -47,11 +47,11 @@ study-cls: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py --norms $(STUDY_NORMS) --seeds 5
 
 # The detection grid: bn, brn, gn_ws, auto at B=16..1 and syncbn, syncbrn, auto2 on 2
-# gloo processes at B=4, 2, 1; 3 seeds, 5 at 2 x 2 (SyncBN and SyncBRN within a point
-# there); then the report over the whole grid.
+# gloo processes at B=4, 2, 1; 3 seeds, 5 at B=8 and 2 x 2 (lines within a point there:
+# brn and gn_ws, syncbn and syncbrn); then the report over the whole grid.
 study-det: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study_det.py --seeds 3
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study_det.py --seeds 5 --lines syncbn syncbrn auto2 --sync-batches 2
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study_det.py --seeds 5 --batches 8 --sync-batches 2
 	$(PY) bench/study_det.py --report-only --seeds 5 --no-wandb
 
 clean:

@@ -31,9 +31,9 @@ batch 2 and 4 collapses (35% and 91%; with 2 values per statistic a normalized c
 is only its sign) and so does every Batch Renorm variant, while GN + WS holds 98%; at
 batch 8 and 16 BN is the best line.  In the detection study (study_det.md; 64 px
 images, a 2x2 last stage, values = 4 x batch) Batch Renorm is the best line at batch 4
-and 2 (16 and 8 values), BN at 8, and GN + WS at batch 1 (4 values).  So: BN from 8
-images, Batch Renorm below that while each statistic still has >= 8 values, GN + WS
-when it has fewer.
+and 2 (16 and 8 values), BN at 16 (tied with GN + WS at 8), and GN + WS at batch 1
+(4 values).  So: BN from 8 images, Batch Renorm below that while each statistic still
+has >= 8 values, GN + WS when it has fewer.
 
 ``per_device_batch`` is the number of samples in one forward pass of one process.
 Gradient accumulation runs several such passes before a step; each normalizes its own
