@@ -83,7 +83,9 @@ def evaluate_detection(model, loader, dataset, device, world_size: int) -> dict[
         merged.update(part)  # a padded duplicate image overwrites itself, never counts twice
     results = [d for dets in merged.values() for d in dets]
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(dataset.ann_file))
+        gt = COCO()  # the dataset's checked copy of its annotation file (area filled in)
+        gt.dataset = dataset.coco_gt
+        gt.createIndex()
         if not results:
             return {"mAP": 0.0, "mAP50": 0.0, "images": len(merged)}
         coco_eval = COCOeval(gt, gt.loadRes(results), "bbox")

@@ -91,16 +91,13 @@ def image_paths(inputs: list[str]) -> list[Path]:
 
 
 def read_images(paths: list[Path]) -> list[torch.Tensor]:
-    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as TF
+
+    from trainer.data.images import load_rgb
 
     images = []
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                image = TF.to_image(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read image {p}: {e}") from None
+        image = TF.to_image(load_rgb(p))
         # A plain tensor (not a tv_tensors.Image): what a deployed model is given.
         images.append(TF.to_dtype(image, torch.float32, scale=True).as_subclass(torch.Tensor))
     return images

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from trainer.data.classification import IndexedImageFolder
 from trainer.data.coco import CocoDetection, collate_detection
 from trainer.data.errors import DataError
+from trainer.data.images import DEFAULT_MAX_PIXELS
 from trainer.data.shapes import ensure_shapes, shapes_dir
 
 __all__ = ["DataError", "build_datasets", "describe", "train_loader", "eval_loader"]
@@ -26,6 +27,8 @@ def build_datasets(
     seed: int,
     generate: bool,
     bad_boxes: str = "drop",
+    check_images: str = "header",
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
 ):
     """(train, val) datasets.  ``generate``: this process may create the shapes data
     (local rank 0; the others wait at a barrier and then find it complete)."""
@@ -44,6 +47,8 @@ def build_datasets(
             train=train,
             seed=seed,
             bad_boxes=bad_boxes,
+            check_images=check_images,
+            max_image_pixels=max_image_pixels,
         )
     else:
         make = lambda split, train: IndexedImageFolder(root / split, train=train, seed=seed)  # noqa: E731

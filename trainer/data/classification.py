@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.errors import DataError
+from trainer.data.images import load_rgb
 
 __all__ = ["IndexedImageFolder", "MEAN", "STD"]
 
@@ -46,11 +46,7 @@ class IndexedImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int):
         path, label = self.folder.samples[idx]
-        try:
-            image = self.folder.loader(path)
-        except (OSError, UnidentifiedImageError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
-        x = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+        x = TF.to_dtype(TF.to_image(load_rgb(Path(path))), torch.float32, scale=True)
         if self.train:
             g = torch.Generator().manual_seed(hash((self.seed, self.epoch, idx)) & 0x7FFFFFFF)
             if torch.rand((), generator=g) < 0.5:

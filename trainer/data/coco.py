@@ -8,14 +8,15 @@ dataset is built, so a bad path fails at start-up on every rank, naming the file
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.errors import DataError
+from trainer.data.images import DEFAULT_MAX_PIXELS, check_image, load_rgb
 
 __all__ = ["CocoDetection", "collate_detection"]
 
@@ -29,39 +30,100 @@ class CocoDetection(torch.utils.data.Dataset):
         train: bool,
         seed: int = 0,
         bad_boxes: str = "drop",
+        check_images: str = "header",
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
         if not self.ann_file.is_file():
             raise DataError(f"annotation file {self.ann_file} does not exist")
         if not self.image_dir.is_dir():
             raise DataError(f"image folder {self.image_dir} does not exist")
-        try:
-            with open(self.ann_file) as f:
-                data = json.load(f)
-            images = data["images"]
-            anns = data["annotations"]
-            categories = sorted(data["categories"], key=lambda c: c["id"])
-            cats = [c["id"] for c in categories]
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"annotation file {self.ann_file} is not valid JSON: {e}") from None
-        except (KeyError, TypeError) as e:
-            raise DataError(
-                f"annotation file {self.ann_file} is not COCO format (missing {e})"
-            ) from None
-        if not images:
-            raise DataError(f"annotation file {self.ann_file} lists no images")
+        images, anns, categories = self._read()
+        cats = [c["id"] for c in categories]
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cats)}
         # label i + 1 -> the dataset's own id and name (predictions map back through it)
         self.categories = [{"id": c["id"], "name": str(c.get("name", c["id"]))} for c in categories]
         self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
         self.images = sorted(images, key=lambda im: im["id"])
-        sizes = self._check_images()
+        sizes = self._check_images(check_images == "full", max_image_pixels)
         self.boxes = self._boxes(anns, sizes, bad_boxes)
+        # The ground truth pycocotools scores against: the file's own annotations, with
+        # the fields it needs and COCO writers may leave out (area, iscrowd) filled in.
+        self.coco_gt = {
+            "images": [
+                {"id": im["id"], "width": w, "height": h}
+                for im, (w, h) in ((im, sizes[im["id"]]) for im in self.images)
+            ],
+            "annotations": [
+                {
+                    **a,
+                    "area": a.get("area", a["bbox"][2] * a["bbox"][3]),
+                    "iscrowd": a.get("iscrowd", 0),
+                }
+                for a in anns
+                if a["image_id"] in sizes
+            ],
+            "categories": categories,
+        }
         self.train, self.seed, self.epoch = train, seed, 0
 
-    def _check_images(self) -> dict[int, tuple[int, int]]:
-        """Every listed image exists and its header reads (a corrupt file fails here, at
-        start-up, not when a batch reaches it); returns image id -> (width, height)."""
+    def _read(self) -> tuple[list, list, list]:
+        """The file's images, annotations and categories, every entry checked for the
+        keys and types the rest relies on; DataError naming the entry otherwise."""
+        where = self.ann_file
+        try:
+            with open(where) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"annotation file {where} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise DataError(
+                f"annotation file {where} is not COCO format: its top level is a "
+                f"{type(data).__name__}, not an object with images, annotations, categories"
+            )
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key), list):
+                got = "missing" if key not in data else f"a {type(data[key]).__name__}"
+                raise DataError(
+                    f"annotation file {where} is not COCO format: '{key}' is {got}, expected a list"
+                )
+        images, anns, categories = data["images"], data["annotations"], data["categories"]
+        if not images:
+            raise DataError(f"annotation file {where} lists no images")
+        _check_entries(where, "image", images, {"id": _ID, "file_name": str})
+        _check_entries(where, "category", categories, {"id": _ID})
+        _unique(where, "image", [im["id"] for im in images])
+        _unique(where, "category", [c["id"] for c in categories])
+        _check_entries(
+            where, "annotation", anns, {"image_id": _ID, "category_id": _ID, "bbox": list}
+        )
+        for a in anns:
+            bbox = a["bbox"]
+            if len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+                raise DataError(
+                    f"annotation {_name(a)} in {where} has bbox {bbox}: expected 4 numbers "
+                    f"[x, y, width, height]"
+                )
+            if not all(math.isfinite(v) for v in bbox):
+                raise DataError(
+                    f"annotation {_name(a)} in {where} has a bbox that is not finite: {bbox}"
+                )
+        known = {im["id"] for im in images}
+        orphans = [a for a in anns if a["image_id"] not in known]
+        if orphans:
+            warnings.warn(
+                f"{where}: {len(orphans)} annotation(s) point at image ids the file does not "
+                f"list (e.g. annotation {_name(orphans[0])}, image_id "
+                f"{orphans[0]['image_id']!r}); they are ignored",
+                stacklevel=4,
+            )
+        if not anns:
+            warnings.warn(f"{where} has no annotations: every image is background", stacklevel=4)
+        return images, anns, sorted(categories, key=lambda c: c["id"])
+
+    def _check_images(self, full: bool, max_pixels: int) -> dict[int, tuple[int, int]]:
+        """Every listed image exists, reads and is whole (a corrupt or truncated file fails
+        here, at start-up, not when a batch reaches it); returns id -> (width, height)."""
         names = [im["file_name"] for im in self.images]
         missing = [n for n in names if not (self.image_dir / n).is_file()]
         if missing:
@@ -69,16 +131,12 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
                 f"{self.image_dir}, e.g. {missing[0]}"
             )
-        sizes = {}
-        for im in self.images:
-            path = self.image_dir / im["file_name"]
-            try:
-                with Image.open(path) as f:
-                    sizes[im["id"]] = f.size
-                    f.verify()  # chunk structure and checksums, without decoding
-            except (OSError, UnidentifiedImageError, SyntaxError) as e:
-                raise DataError(f"cannot read image {path}: {e}") from None
-        return sizes
+        return {
+            im["id"]: check_image(
+                self.image_dir / im["file_name"], max_pixels=max_pixels, full=full
+            )
+            for im in self.images
+        }
 
     def _boxes(self, anns: list, sizes: dict, bad_boxes: str) -> dict[int, list]:
         """Image id -> [(x0, y0, x1, y1, label)].  An unknown category is an error naming
@@ -92,13 +150,13 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             if a["category_id"] not in self.cat_to_label:
                 raise DataError(
-                    f"annotation {a.get('id')} in {self.ann_file} has category_id "
-                    f"{a['category_id']}; the file's categories are {sorted(self.cat_to_label)}"
+                    f"annotation {_name(a)} in {self.ann_file} has category_id "
+                    f"{a['category_id']!r}; the file's categories are {sorted(self.cat_to_label)}"
                 )
             x, y, w, h = a["bbox"]
             width, height = sizes[a["image_id"]]
             if w <= 1 or h <= 1 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
-                bad.append(f"annotation {a.get('id')} bbox {a['bbox']} in a {width}x{height} image")
+                bad.append(f"annotation {_name(a)} bbox {a['bbox']} in a {width}x{height} image")
                 continue
             boxes[a["image_id"]].append((x, y, x + w, y + h, self.cat_to_label[a["category_id"]]))
         if bad and bad_boxes == "error":
@@ -127,12 +185,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, idx: int):
         info = self.images[idx]
         path = self.image_dir / info["file_name"]
-        try:
-            with Image.open(path) as im:
-                image = TF.to_image(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
-        image = TF.to_dtype(image, torch.float32, scale=True)
+        image = TF.to_dtype(TF.to_image(load_rgb(path)), torch.float32, scale=True)
         rows = self.boxes[info["id"]]
         boxes = torch.tensor([r[:4] for r in rows], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([r[4] for r in rows], dtype=torch.int64)
@@ -152,3 +205,52 @@ class CocoDetection(torch.utils.data.Dataset):
 def collate_detection(batch):
     images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
+
+
+# A COCO id: an integer (a bool is not one).  A string "1" is refused by name: it would
+# otherwise match no category or image and be reported as missing.
+_ID = "id"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _name(entry: dict) -> str:
+    return repr(entry["id"]) if "id" in entry else "(no id)"
+
+
+def _check_entries(where: Path, what: str, entries: list, keys: dict) -> None:
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DataError(
+                f"{what} entry {i} in {where} is a {type(entry).__name__}, not an object"
+            )
+        for key, kind in keys.items():
+            label = f"{what} {_name(entry)} (entry {i})"
+            if key not in entry:
+                raise DataError(f"{label} in {where} has no '{key}'")
+            value = entry[key]
+            if kind == _ID:
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise DataError(
+                        f"{label} in {where} has {key} {value!r} (a {type(value).__name__}); "
+                        f"COCO ids are integers"
+                    )
+            elif not isinstance(value, kind):
+                raise DataError(
+                    f"{label} in {where} has {key} {value!r}: expected a {kind.__name__}"
+                )
+
+
+def _unique(where: Path, what: str, ids: list) -> None:
+    seen, dup = set(), []
+    for i in ids:
+        if i in seen:
+            dup.append(i)
+        seen.add(i)
+    if dup:
+        raise DataError(
+            f"{where} lists {what} id {dup[0]!r} more than once ({len(dup)} duplicate "
+            f"{what} id(s)): each {what} needs its own id"
+        )

@@ -1,0 +1,294 @@
+"""The fuzzing table: bad inputs and faults, each run through ``normpilot`` in-process on a
+tiny COCO copy of the shapes data.  Every case asserts the exit code, one message naming
+the file, key or id, no traceback (``main`` returns instead of raising), and that files
+already in the run folder are left as they were.
+
+A case is ``Case(id, setup, argv, code, message)``: ``setup(ctx)`` corrupts the private
+copy (``ctx.coco``: the COCO folder, ``ctx.run``: a finished 4-step run folder,
+``ctx.tmp``) and ``argv(ctx)`` gives the command line.  Cases that need a real process
+(signals, file-size limits) live in tests/trainer/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import FAST_DET, ROOT, train_args
+from trainer.cli import main
+from trainer.data.shapes import ensure_shapes
+
+DET = str(ROOT / "configs/shapes_det.yaml")
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    coco: Path
+    run: Path  # a finished run folder (runs/done), trained on ctx.coco
+
+    def ann(self, split: str = "train") -> Path:
+        return self.coco / "annotations" / f"instances_{split}.json"
+
+    def edit_ann(self, edit: Callable[[dict], None], split: str = "train") -> Path:
+        data = json.loads(self.ann(split).read_text())
+        edit(data)
+        self.ann(split).write_text(json.dumps(data))
+        return self.ann(split)
+
+    def train(self, *extra: str, name: str = "fuzz") -> list[str]:
+        return train_args(
+            DET, self.tmp / "runs", self.coco, name, *FAST_DET, "data.dataset=coco", *extra
+        )
+
+    def resume(self, *extra: str) -> list[str]:
+        return self.train(*extra, name="done")
+
+
+@dataclass
+class Case:
+    id: str
+    setup: Callable[[Ctx], object]
+    argv: Callable[[Ctx], list[str]]
+    code: int
+    message: str | Callable[[Ctx], str]
+    warns: str | None = None  # a warning that must be raised (its text)
+    marks: list = field(default_factory=list)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (wandb's own folder aside) -> its content hash."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "wandb" not in p.parts
+    }
+
+
+# -- corruptions -------------------------------------------------------------------------
+def _first_ann(key, value):
+    def edit(data):
+        data["annotations"][0][key] = value
+
+    return edit
+
+
+def _drop_key(section, key):
+    def edit(data):
+        del data[section][0][key]
+
+    return edit
+
+
+def _png16(ctx: Ctx) -> None:
+    """Every training image becomes a 16-bit grayscale PNG of its own luminance."""
+    for p in (ctx.coco / "train").glob("*.png"):
+        gray = np.asarray(Image.open(p).convert("L"), dtype=np.uint16) * 257
+        Image.fromarray(gray).save(p)  # uint16 -> mode I;16
+
+
+def _truncated_jpeg(ctx: Ctx) -> None:
+    def edit(data):
+        data["images"][2]["file_name"] = "000002.jpg"
+
+    Image.open(ctx.coco / "train" / "000002.png").convert("RGB").save(
+        ctx.coco / "train" / "000002.jpg", quality=95
+    )
+    jpg = ctx.coco / "train" / "000002.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) * 2 // 3])
+    ctx.edit_ann(edit)
+
+
+def _truncated_png(ctx: Ctx) -> None:
+    png = ctx.coco / "val" / "000001.png"
+    png.write_bytes(png.read_bytes()[:-40])
+
+
+def _huge_image(ctx: Ctx) -> None:
+    # A 1-bit 10000x10000 PNG is a few KB on disk and 100 Mpixel in the header.
+    Image.new("1", (10000, 10000)).save(ctx.coco / "train" / "000004.png")
+
+
+CASES = [
+    # -- COCO annotation files --------------------------------------------------------------
+    Case(
+        "bbox-nan",
+        lambda c: c.edit_ann(_first_ann("bbox", [10, 10, float("nan"), float("nan")])),
+        Ctx.train,
+        2,
+        lambda c: f"in {c.ann()} has a bbox that is not finite: [10, 10, nan, nan]",
+    ),
+    Case(
+        "bbox-3-numbers",
+        lambda c: c.edit_ann(_first_ann("bbox", [10, 10, 5])),
+        Ctx.train,
+        2,
+        lambda c: f"in {c.ann()} has bbox [10, 10, 5]: expected 4 numbers",
+    ),
+    Case(
+        "bbox-strings",
+        lambda c: c.edit_ann(_first_ann("bbox", ["10", 10, 5, 5])),
+        Ctx.train,
+        2,
+        "has bbox ['10', 10, 5, 5]: expected 4 numbers",
+    ),
+    Case(
+        "image-without-file-name",
+        lambda c: c.edit_ann(_drop_key("images", "file_name")),
+        Ctx.train,
+        2,
+        lambda c: f"image 1 (entry 0) in {c.ann()} has no 'file_name'",
+    ),
+    Case(
+        "image-without-id",
+        lambda c: c.edit_ann(_drop_key("images", "id")),
+        Ctx.train,
+        2,
+        lambda c: f"image (no id) (entry 0) in {c.ann()} has no 'id'",
+    ),
+    Case(
+        "annotation-without-bbox",
+        lambda c: c.edit_ann(_drop_key("annotations", "bbox")),
+        Ctx.train,
+        2,
+        "has no 'bbox'",
+    ),
+    Case(
+        "duplicate-image-ids",
+        lambda c: c.edit_ann(lambda d: d["images"][1].update(id=d["images"][0]["id"])),
+        Ctx.train,
+        2,
+        lambda c: f"{c.ann()} lists image id 1 more than once",
+    ),
+    Case(
+        "category-id-string",
+        lambda c: c.edit_ann(_first_ann("category_id", "1")),
+        Ctx.train,
+        2,
+        "has category_id '1' (a str); COCO ids are integers",
+    ),
+    Case(
+        "coco-json-is-a-list",
+        lambda c: c.ann().write_text("[1, 2]"),
+        Ctx.train,
+        2,
+        lambda c: f"annotation file {c.ann()} is not COCO format: its top level is a list",
+    ),
+    Case(
+        "val-annotations-without-area",
+        lambda c: c.edit_ann(lambda d: [a.pop("area", None) for a in d["annotations"]], "val"),
+        Ctx.train,
+        0,
+        "final eval:",
+    ),
+    Case(
+        "annotations-for-unknown-images",
+        lambda c: c.edit_ann(_first_ann("image_id", 999)),
+        Ctx.train,
+        0,
+        "final eval:",
+        warns="1 annotation(s) point at image ids the file does not list",
+    ),
+    Case(
+        "no-annotations",
+        lambda c: c.edit_ann(lambda d: d.update(annotations=[]), "val"),
+        Ctx.train,
+        0,
+        "final eval:",
+        warns="has no annotations: every image is background",
+    ),
+    # -- image files ------------------------------------------------------------------------
+    Case(
+        "truncated-jpeg",
+        _truncated_jpeg,
+        Ctx.train,
+        2,
+        lambda c: f"cannot read image {c.coco / 'train' / '000002.jpg'}: image file is truncated",
+    ),
+    Case(
+        "truncated-png",
+        _truncated_png,
+        Ctx.train,
+        2,
+        lambda c: f"cannot read image {c.coco / 'val' / '000001.png'}",
+    ),
+    Case(
+        "image-above-pixel-limit",
+        _huge_image,
+        Ctx.train,
+        2,
+        lambda c: f"image {c.coco / 'train' / '000004.png'} is 10000x10000 (100.0 Mpixel), "
+        f"above data.max_image_pixels=89478485",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_coco(tmp_path_factory, data_root):
+    return ensure_shapes(data_root, "detection", 24, 8, 64)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_coco):
+    """A 4-step run on the tiny COCO copy (checkpoints at steps 2 and 4)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    ctx = Ctx(tmp, Path(tiny_coco), tmp / "runs" / "done")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(ctx.resume()) == 0
+    return ctx.run
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_coco, finished_run):
+    coco = tmp_path / "coco"
+    shutil.copytree(tiny_coco, coco)
+    shutil.copytree(finished_run, tmp_path / "runs" / "done")
+    return Ctx(tmp_path, coco, tmp_path / "runs" / "done")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_fuzz_case(case: Case, ctx: Ctx, capsys):
+    case.setup(ctx)
+    argv = case.argv(ctx)
+    before = _snapshot(ctx.run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(argv)  # raising (a traceback) fails the case
+    out, err = capsys.readouterr()
+    message = case.message(ctx) if callable(case.message) else case.message
+    assert code == case.code, out[-2000:] + err[-2000:]
+    assert message in out + err, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err
+    if case.warns:
+        assert any(case.warns in str(w.message) for w in caught), [str(w.message) for w in caught]
+    if argv[argv.index("train") + 1 :] and "run.name=done" not in argv:
+        assert _snapshot(ctx.run) == before  # another run's folder is never touched
+
+
+def test_16bit_png_loads_as_its_luminance(ctx):
+    """A 16-bit grayscale PNG is scaled to 8 bits, not clipped to white."""
+    from trainer.data.coco import CocoDetection
+
+    src = ctx.coco / "train" / "000000.png"
+    gray8 = np.asarray(Image.open(src).convert("L"))
+    _png16(ctx)
+    assert Image.open(src).mode == "I;16"
+    ds = CocoDetection(ctx.coco / "train", ctx.ann(), train=False)
+    image = ds[0][0]
+    assert image.shape[0] == 3 and not torch.all(image == 1.0)
+    expected = torch.from_numpy(gray8).float() / 255  # x*257 in 16 bits is x in 8 bits
+    assert torch.allclose(image[0], expected, atol=1e-6)
+    assert torch.equal(image[0], image[2])
