@@ -229,8 +229,10 @@ CASES = [
         _huge_image,
         Ctx.train,
         2,
-        lambda c: f"image {c.coco / 'train' / '000004.png'} is 10000x10000 (100.0 Mpixel), "
-        f"above data.max_image_pixels=89478485",
+        lambda c: (
+            f"image {c.coco / 'train' / '000004.png'} is 10000x10000 (100.0 Mpixel), "
+            f"above data.max_image_pixels=89478485"
+        ),
     ),
 ]
 
