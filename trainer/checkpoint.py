@@ -42,6 +42,7 @@ __all__ = [
     "TrainState",
     "list_checkpoints",
     "load_latest",
+    "read_checkpoint",
     "save_checkpoint",
     "seed_everything",
     "unwrap",
@@ -112,13 +113,54 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int) -> Pa
     return final
 
 
+# What every normpilot training checkpoint holds (TrainState + Checkpointer.save).
+_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch")
+_KEYS += ("rng", "config", "policy", "world_size")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A normpilot training checkpoint, checked; CheckpointError saying why not.
+
+    torch writes a CRC-32 of every record into the zip archive it saves; torch.load does
+    not check them, so a flipped block in optimizer state loaded silently.  They are
+    verified here first (one read of the file)."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a torch checkpoint file ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: record {bad} fails its checksum")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unloadable file is the same finding
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{path} cannot be loaded ({type(e).__name__}: {first[:200]})"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"{path} is not a normpilot checkpoint: it holds a {type(ckpt).__name__}"
+        )
+    missing = [k for k in _KEYS if k not in ckpt]
+    if missing:
+        hint = " (a weights-only file, e.g. from export)" if "model" not in ckpt else ""
+        raise CheckpointError(
+            f"{path} is not a normpilot training checkpoint{hint}: it has no "
+            f"{', '.join(repr(k) for k in missing[:4])}"
+        )
+    return ckpt
+
+
 def load_latest(folder: str | Path) -> tuple[dict, Path] | None:
-    """The newest checkpoint that loads; unreadable ones are skipped with a warning."""
+    """The newest valid checkpoint; unreadable, damaged or foreign files are skipped with
+    a warning that says why."""
     for path in list_checkpoints(folder):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True), path
-        except Exception as e:  # noqa: BLE001 - truncated/corrupt files all mean "skip"
-            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+            return read_checkpoint(path), path
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
     return None
 
 

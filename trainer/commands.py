@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["cmd_eval", "cmd_predict", "cmd_export", "cmd_runs"]
@@ -149,10 +151,17 @@ def cmd_runs(args) -> int:
         return 0
     rows = [("run", "step", "checkpoint", "last eval", "norms")]
     for folder in folders:
-        found = load_latest(folder / "checkpoints")
+        with warnings.catch_warnings(record=True) as skipped:  # said once below, per run
+            warnings.simplefilter("always")
+            found = load_latest(folder / "checkpoints")
+        for w in skipped:
+            print(f"warning: {folder.name}: {w.message}", file=sys.stderr)
         step, ckpt = (found[0]["step"], found[1].name) if found else ("-", "-")
-        policy = _read_json(folder / "policy.json") or {}
-        kinds = "/".join(f"{k}:{v['kind']}" for k, v in policy.get("parts", {}).items())
+        policy = _read_json(folder / "policy.json")
+        parts = policy.get("parts", {}) if isinstance(policy, dict) else {}
+        kinds = "/".join(
+            f"{k}:{v.get('kind', '?')}" for k, v in parts.items() if isinstance(v, dict)
+        )
         rows.append((folder.name, str(step), ckpt, _last_eval(folder), kinds or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
@@ -167,16 +176,40 @@ def _read_json(path: Path):
         return None
 
 
+def _format_eval(metrics: dict, step) -> str:
+    return (
+        " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "images" and _is_number(v))
+        + f" (step {step})"
+    )
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _last_eval(folder: Path) -> str:
+    """The newer of ``normpilot eval``'s eval.json and the last eval row of
+    metrics.jsonl (by file time); a row cut short by a crash is passed over."""
+    metrics, found = folder / "metrics.jsonl", None
     try:
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        lines = metrics.read_text().splitlines()
     except OSError:
-        return "-"
+        lines = []
     for line in reversed(lines):
-        row = json.loads(line)
-        if "eval" in row:
-            return (
-                " ".join(f"{k} {v:.3f}" for k, v in row["eval"].items() if k != "images")
-                + f" (step {row['step']})"
-            )
-    return "-"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("eval"), dict):
+            found = (row["eval"], row.get("step", "?"))
+            break
+    record = _read_json(folder / "eval.json")
+    if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
+        newer = (
+            not found
+            or not lines
+            or ((folder / "eval.json").stat().st_mtime >= metrics.stat().st_mtime)
+        )
+        if newer:
+            found = (record["metrics"], f"{record.get('step', '?')}, normpilot eval")
+    return _format_eval(*found) if found else "-"

@@ -11,7 +11,9 @@ once; the resolved config is what runs, and what gets saved and logged.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ def _one_of(key: str, value: Any, options: tuple) -> None:
 def _at_least(key: str, value: Any, low: float, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
     if value is None or value < low:
         raise ConfigError(f"{key} must be >= {low}{' or null' if allow_none else ''}, got {value}")
 
@@ -51,8 +55,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _one_of("run.device", self.device, ("auto", "cpu", "cuda"))
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"run.name must be a non-empty folder name, got {self.name!r}")
+        # The run folder is <output_dir>/<name>: a name that is a path could write outside
+        # output_dir (run.name=.. put config.yaml into output_dir's parent).
+        name = self.name
+        if (
+            not name
+            or name in (".", "..")
+            or any(sep in name for sep in ("/", "\\", "\0"))
+            or Path(name).is_absolute()
+        ):
+            raise ConfigError(
+                f"run.name must be a plain folder name (no '/', '\\', '..' or '.'), got {name!r}"
+            )
 
 
 @dataclass
@@ -139,8 +153,8 @@ class TrainConfig:
         _at_least("train.grad_accum", self.grad_accum, 1)
         _at_least("train.max_steps", self.max_steps, 1)
         _one_of("train.optimizer", self.optimizer, ("sgd", "adamw"))
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
         _at_least("train.ref_batch", self.ref_batch, 1)
         _at_least("train.weight_decay", self.weight_decay, 0)
         _at_least("train.warmup_steps", self.warmup_steps, 0)
@@ -356,15 +370,44 @@ def _wrap(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{key}: {msg} (in {source})")
 
 
+def _check_sections(loaded, source: str) -> None:
+    """The file is a mapping of sections, each a mapping: OmegaConf's own errors for a
+    list there name no key (``?: Merge error``) or are a TypeError."""
+    from omegaconf import DictConfig
+
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            f"{source}: the file must be a mapping of sections (run:, data:, train:, ...), "
+            f"got a {type(OmegaConf.to_container(loaded)).__name__}"
+        )
+    if len(loaded) == 0:
+        raise ConfigError(
+            f"{source} is empty: a config needs at least run.name (see configs/ for presets)"
+        )
+    for f in fields(Config):
+        if f.name in loaded:
+            value = loaded[f.name]
+            if value is not None and not OmegaConf.is_dict(value):
+                shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+                raise ConfigError(
+                    f"{f.name} in {source} must be a mapping of keys ({f.name}.KEY: value), "
+                    f"got {shown!r}"
+                )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Schema defaults <- YAML file <- ``key=value`` overrides, validated and resolved."""
     merged = OmegaConf.structured(Config)
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"--config {str(path)!r} is a folder, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"--config {str(path)!r}: no such file")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            _check_sections(loaded, str(path))
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             raise _wrap(e, str(path)) from None
         except yaml.YAMLError as e:
@@ -372,9 +415,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             what = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"{where}: YAML syntax error: {what}") from None
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0]
+        if key in given:
+            warnings.warn(
+                f"override {key} given twice ({given[key]!r}, then {item!r}): the last wins",
+                stacklevel=2,
+            )
+        given[key] = item
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:

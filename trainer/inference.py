@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from norms import NormChoice
-from trainer.checkpoint import CheckpointError, load_latest
+from trainer.checkpoint import CheckpointError, load_latest, read_checkpoint
 from trainer.config import Config, ConfigError, load_config
 from trainer.training import model_from_config
 
@@ -53,15 +53,29 @@ def load_run(
     else:
         path = Path(checkpoint)
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-            raise CheckpointError(f"--checkpoint {path}: cannot load it ({e})") from None
+            ckpt = read_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"--checkpoint: {e}") from None
+    old_cfg = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+    old_arch = old_cfg.get("model", {}).get("arch")
+    if old_arch != cfg.model.arch:
+        raise CheckpointError(
+            f"checkpoint {path} is from model.arch={old_arch!r}, the run {run_dir} is "
+            f"model.arch={cfg.model.arch!r}"
+        )
     plan = {
         part: NormChoice(part, p["kind"], p["ws"], "plain", p["reason"])
         for part, p in ckpt["policy"]["parts"].items()
     }
     model = model_from_config(cfg, plan)  # the checkpoint holds every weight
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # shapes or keys differ: another num_classes, fpn_channels
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model of {run_dir}/config.yaml "
+            f"(model.num_classes={cfg.model.num_classes}, model.fpn_channels="
+            f"{cfg.model.fpn_channels}): {str(e).splitlines()[0]}"
+        ) from None
     dataset = ckpt.get("dataset") or {
         "task": cfg.model.task,
         "image_size": cfg.data.image_size,

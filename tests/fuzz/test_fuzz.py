@@ -121,7 +121,190 @@ def _huge_image(ctx: Ctx) -> None:
     Image.new("1", (10000, 10000)).save(ctx.coco / "train" / "000004.png")
 
 
+def _yaml(text: str) -> Callable[[Ctx], None]:
+    def setup(ctx: Ctx) -> None:
+        (ctx.tmp / "c.yaml").write_text(text)
+
+    return setup
+
+
+def _config(ctx: Ctx) -> list[str]:
+    return ["train", "--config", str(ctx.tmp / "c.yaml")]
+
+
+def _eval(*extra: str) -> Callable[[Ctx], list[str]]:
+    return lambda ctx: ["eval", "--run", str(ctx.run), *extra]
+
+
+def _ckpt(ctx: Ctx, step: int) -> Path:
+    return ctx.run / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def _save_as(step: int, make: Callable[[dict], object]) -> Callable[[Ctx], None]:
+    """A file named like the checkpoint of ``step``, made from the step-4 checkpoint."""
+
+    def setup(ctx: Ctx) -> None:
+        torch.save(make(torch.load(_ckpt(ctx, 4), weights_only=True)), _ckpt(ctx, step))
+
+    return setup
+
+
+def _damage(ctx: Ctx) -> None:
+    newest = _ckpt(ctx, 4)
+    data = bytearray(newest.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4096] = bytes(b ^ 0xFF for b in data[mid : mid + 4096])
+    newest.write_bytes(bytes(data))
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def _other_arch(ckpt: dict) -> dict:
+    ckpt["config"]["model"]["arch"] = "resnet18"
+    return ckpt
+
+
 CASES = [
+    # -- configuration ----------------------------------------------------------------------
+    Case(
+        "yaml-section-is-a-list",
+        _yaml("run: [1, 2]\n"),
+        _config,
+        2,
+        lambda c: (
+            f"run in {c.tmp / 'c.yaml'} must be a mapping of keys (run.KEY: value), got [1, 2]"
+        ),
+    ),
+    Case(
+        "yaml-section-is-a-number",
+        _yaml("train: 5\n"),
+        _config,
+        2,
+        "train in",
+    ),
+    Case(
+        "yaml-top-level-list",
+        _yaml("[1, 2]\n"),
+        _config,
+        2,
+        "the file must be a mapping of sections (run:, data:, train:, ...), got a list",
+    ),
+    Case("yaml-empty", _yaml(""), _config, 2, lambda c: f"{c.tmp / 'c.yaml'} is empty"),
+    Case(
+        "config-is-a-folder",
+        lambda c: None,
+        lambda c: ["train", "--config", str(c.tmp)],
+        2,
+        lambda c: f"--config {str(c.tmp)!r} is a folder, not a YAML file",
+    ),
+    Case(
+        "run-name-leaves-output-dir",
+        lambda c: (c.tmp / "config.yaml").write_text("unrelated\n"),
+        lambda c: c.train("run.name=.."),
+        2,
+        "run.name must be a plain folder name (no '/', '\\', '..' or '.'), got '..'",
+    ),
+    Case(
+        "run-name-with-separator",
+        lambda c: None,
+        lambda c: c.train("run.name=a/../../b"),
+        2,
+        "run.name must be a plain folder name",
+    ),
+    Case(
+        "lr-inf",
+        lambda c: None,
+        lambda c: c.train("train.lr=inf"),
+        2,
+        "train.lr must be a finite number > 0, got inf",
+    ),
+    Case(
+        "duplicate-override",
+        lambda c: None,
+        lambda c: c.train("train.lr=0.01", "train.lr=inf"),
+        2,
+        "got inf",
+        warns="override train.lr given twice ('train.lr=0.01', then 'train.lr=inf')",
+    ),
+    # -- checkpoints and after-training commands --------------------------------------------
+    Case(
+        "checkpoint-holds-a-list",
+        lambda c: torch.save([1, 2, 3], _ckpt(c, 99)),
+        _eval(),
+        0,
+        "(step_00000004.pt, step 4)",
+        warns="step_00000099.pt is not a normpilot checkpoint: it holds a list",
+    ),
+    Case(
+        "checkpoint-is-text",
+        lambda c: _ckpt(c, 99).write_text("not a checkpoint"),
+        _eval(),
+        0,
+        "(step_00000004.pt, step 4)",
+        warns="step_00000099.pt is not a torch checkpoint file (File is not a zip file)",
+    ),
+    Case(
+        "checkpoint-damaged-mid-file",
+        _damage,
+        _eval(),
+        0,
+        "(step_00000002.pt, step 2)",
+        warns="step_00000004.pt is damaged: record",
+    ),
+    Case(
+        "checkpoint-weights-only",
+        _save_as(99, lambda ckpt: ckpt["model"]),
+        _eval("--checkpoint", "{run}/checkpoints/step_00000099.pt"),
+        2,
+        "is not a normpilot training checkpoint (a weights-only file, e.g. from export)",
+    ),
+    Case(
+        "checkpoint-of-another-arch",
+        _save_as(99, _other_arch),
+        _eval("--checkpoint", "{run}/checkpoints/step_00000099.pt"),
+        2,
+        "is from model.arch='resnet18', the run",
+    ),
+    Case(
+        "eval-with-another-num-classes",
+        lambda c: None,
+        _eval("model.num_classes=5"),
+        2,
+        "does not fit the model of",
+    ),
+    Case(
+        "checkpoint-is-garbage",
+        lambda c: (c.tmp / "junk.pt").write_bytes(b"\x80\x02garbage"),
+        lambda c: ["eval", "--run", str(c.run), "--checkpoint", str(c.tmp / "junk.pt")],
+        2,
+        "junk.pt is not a torch checkpoint file",
+    ),
+    Case(
+        "runs-with-a-cut-off-metrics-row",
+        lambda c: _append(c.run / "metrics.jsonl", '{"step": 5, "ev'),
+        lambda c: ["runs", "--root", str(c.tmp / "runs")],
+        0,
+        "done  4     step_00000004.pt  mAP",
+    ),
+    Case(
+        "runs-with-a-weights-only-step-file",
+        _save_as(99, lambda ckpt: ckpt["model"]),
+        lambda c: ["runs", "--root", str(c.tmp / "runs")],
+        0,
+        "done  4     step_00000004.pt",
+    ),
+    Case(
+        "runs-shows-a-newer-eval-json",
+        lambda c: (c.run / "eval.json").write_text(
+            json.dumps({"step": 4, "metrics": {"mAP": 0.123, "mAP50": 0.456}})
+        ),
+        lambda c: ["runs", "--root", str(c.tmp / "runs")],
+        0,
+        "mAP 0.123 mAP50 0.456 (step 4, normpilot eval)",
+    ),
     # -- COCO annotation files --------------------------------------------------------------
     Case(
         "bbox-nan",
@@ -264,7 +447,7 @@ def ctx(tmp_path, tiny_coco, finished_run):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_fuzz_case(case: Case, ctx: Ctx, capsys):
     case.setup(ctx)
-    argv = case.argv(ctx)
+    argv = [a.replace("{run}", str(ctx.run)) for a in case.argv(ctx)]
     before = _snapshot(ctx.run)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -276,8 +459,9 @@ def test_fuzz_case(case: Case, ctx: Ctx, capsys):
     assert "Traceback" not in err
     if case.warns:
         assert any(case.warns in str(w.message) for w in caught), [str(w.message) for w in caught]
-    if argv[argv.index("train") + 1 :] and "run.name=done" not in argv:
-        assert _snapshot(ctx.run) == before  # another run's folder is never touched
+    if case.code != 0 or (argv[0] == "train" and "run.name=done" not in argv):
+        # a failed command changes nothing; another run's folder is never touched
+        assert _snapshot(ctx.run) == before
 
 
 def test_16bit_png_loads_as_its_luminance(ctx):
