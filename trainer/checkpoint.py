@@ -21,6 +21,7 @@ import os
 import random
 import re
 import signal
+import sys
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -88,11 +89,21 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}.pt"
     tmp = folder / f".{final.name}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:
+        # torch reports a failed write as RuntimeError ("unexpected pos"); the OSError
+        # (disk full, file too large) is its cause.
+        tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else (e.__cause__ or e.__context__ or e)
+        why = getattr(cause, "strerror", None) or str(cause).splitlines()[0]
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {why}; the earlier checkpoints are kept"
+        ) from None
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -213,6 +224,7 @@ class StopFlag:
 
     def __init__(self):
         self.set = False
+        self.raise_now = False  # the final eval: stop at once (the checkpoint is saved)
         self._previous = {}
 
     def __enter__(self):
@@ -221,8 +233,15 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.set and signum == signal.SIGINT:  # a second Ctrl-C means now
+        if self.raise_now or (self.set and signum == signal.SIGINT):  # 2nd Ctrl-C: now
             raise KeyboardInterrupt
+        if not self.set and os.environ.get("RANK", "0") == "0":
+            print(
+                f"stop requested ({signal.Signals(signum).name}): saving a checkpoint after "
+                f"the current step",
+                file=sys.stderr,
+                flush=True,
+            )
         self.set = True
 
     def __exit__(self, *exc):
@@ -280,13 +299,22 @@ def _bn_family(kind: str) -> bool:
         return False
 
 
-def check_resume(ckpt: dict, path: Path, arch: str, plan: dict[str, NormChoice]) -> None:
+def check_resume(
+    ckpt: dict, path: Path, arch: str, plan: dict[str, NormChoice], optimizer: str | None = None
+) -> None:
     """Refuse a checkpoint that cannot continue this run, naming what differs."""
     old_arch = ckpt.get("config", {}).get("model", {}).get("arch")
     if old_arch != arch:
         raise CheckpointError(
             f"checkpoint {path} is from model.arch={old_arch!r}, this run is "
             f"model.arch={arch!r}: use another run.name or remove the checkpoint"
+        )
+    old_opt = ckpt.get("config", {}).get("train", {}).get("optimizer")
+    if old_opt is not None and old_opt != optimizer:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with train.optimizer={old_opt!r}, this run has "
+            f"train.optimizer={optimizer!r} (their states differ): resume with "
+            f"train.optimizer={old_opt}, or use another run.name"
         )
     for part, info in ckpt.get("policy", {}).get("parts", {}).items():
         if part not in plan:
@@ -298,6 +326,25 @@ def check_resume(ckpt: dict, path: Path, arch: str, plan: dict[str, NormChoice])
                 f"GroupNorm and BatchNorm-family layers do not share state.  Pin the part "
                 f"with norm.override.{part}={old} to resume"
             )
+
+
+def _translate_position(state: TrainState, ckpt: dict, path: Path, batch: int) -> None:
+    """The data position is saved in batches; another train.per_device_batch at the same
+    world size continues from the same sample, which must start a batch of the new size
+    (the sampler's order does not depend on the batch)."""
+    old = ckpt.get("config", {}).get("train", {}).get("per_device_batch")
+    data = state.data
+    if not batch or old in (None, batch) or data.pos == 0:
+        return
+    samples = data.pos * old
+    if samples % batch:
+        raise CheckpointError(
+            f"checkpoint {path} stopped {samples} samples into epoch {data.epoch} at "
+            f"train.per_device_batch={old}; {samples} is not a whole number of batches of "
+            f"train.per_device_batch={batch}: resume with train.per_device_batch={old} (then "
+            f"change it at the next epoch) or a batch that divides {samples}"
+        )
+    data.pos = samples // batch
 
 
 class Checkpointer:
@@ -318,14 +365,18 @@ class Checkpointer:
             for stale in self.folder.glob(".step_*.pt.tmp"):
                 stale.unlink(missing_ok=True)
 
-    def latest(self, arch: str, plan: dict[str, NormChoice]) -> tuple[dict, Path] | None:
+    def latest(
+        self, arch: str, plan: dict[str, NormChoice], optimizer: str | None = None
+    ) -> tuple[dict, Path] | None:
         """The newest readable checkpoint, checked against this run (before any model)."""
         found = load_latest(self.folder)
         if found is not None:
-            check_resume(*found, arch, plan)
+            check_resume(*found, arch, plan, optimizer)
         return found
 
-    def restore(self, state: TrainState, found: tuple[dict, Path], reseed: Callable) -> None:
+    def restore(
+        self, state: TrainState, found: tuple[dict, Path], reseed: Callable, batch: int = 0
+    ) -> None:
         """Load ``found`` into ``state``.  The same world size restores each rank's RNG;
         another one (other data shards) starts the next epoch afresh and calls
         ``reseed(step)``."""
@@ -337,6 +388,7 @@ class Checkpointer:
                 f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}"
             ) from None
         if ckpt["world_size"] == self.env.world_size:
+            _translate_position(state, ckpt, path, batch)
             _restore_rng(ckpt["rng"][self.env.rank])
         else:
             data = state.data

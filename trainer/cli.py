@@ -62,16 +62,34 @@ def _policy(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import list_checkpoints
     from trainer.distributed import init_distributed, teardown
     from trainer.loop import train
 
     # Everything that can be checked without workers is checked before any group forms.
     cfg = load_config(args.config, args.overrides)
-    _check_before_workers(cfg)
-    env = init_distributed(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    new_folder = not run_dir.exists()
+    try:
+        _check_before_workers(cfg)
+        env = init_distributed(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s)
+    except BaseException:
+        _remove_if_empty(run_dir, new_folder)
+        raise
     try:
         train(cfg, env)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (during a save, or anywhere): stop now, without a traceback.
+        newest = next(iter(list_checkpoints(run_dir / "checkpoints")), None)
+        print(
+            f"interrupted: stopped at once; the run resumes from "
+            f"{newest or 'the start (no checkpoint yet)'} (metrics.jsonl rows after that "
+            f"step are redone)",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as e:
+        _remove_if_empty(run_dir, new_folder)
         if type(e).__name__ != "FailOnRecompileLimitHit":
             raise
         from trainer.training import RECOMPILE_LIMIT
@@ -84,6 +102,18 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         teardown()
     return 0
+
+
+def _remove_if_empty(run_dir: Path, new_folder: bool) -> None:
+    """A start that failed before writing anything leaves no run folder behind (only
+    folders this start made, and only while they hold no file)."""
+    if not new_folder or not run_dir.is_dir():
+        return
+    if any(p.is_file() for p in run_dir.rglob("*")):
+        return
+    for p in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        p.rmdir()
+    run_dir.rmdir()
 
 
 def _check_before_workers(cfg) -> None:

@@ -82,7 +82,19 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         keep=cfg.checkpoint.keep,
         meta={"config": to_dict(cfg), "policy": record, "dataset": describe(train_ds, cfg)},
     )
-    found = checkpoints.latest(cfg.model.arch, plan)
+    found = checkpoints.latest(cfg.model.arch, plan, cfg.train.optimizer)
+    if found is not None and found[0]["step"] >= cfg.train.max_steps:
+        # Nothing to train: re-running the command must not append an eval row, open a
+        # wandb run or re-evaluate with training's statistics instead of the saved ones.
+        if env.is_main:
+            print(
+                f"run {run_dir} already finished: {found[1].name} is at step "
+                f"{found[0]['step']} (train.max_steps={cfg.train.max_steps}); nothing to do. "
+                f"`normpilot eval --run {run_dir}` evaluates it; a larger train.max_steps "
+                f"trains on",
+                flush=True,
+            )
+        return {"finished_at": found[0]["step"]}
 
     t = build_training(cfg, env, plan)
     if graphs.enabled:
@@ -93,7 +105,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         reseed = lambda step: seed_everything(  # noqa: E731
             cfg.run.seed + env.rank + step, cfg.run.deterministic
         )
-        checkpoints.restore(state, found, reseed)
+        checkpoints.restore(state, found, reseed, batch=cfg.train.per_device_batch)
 
     if env.is_main:
         write_atomic(run_dir / "config.yaml", to_yaml(cfg))
@@ -106,7 +118,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         final = _Loop(cfg, env, t, state, checkpoints, logger, val_ds, precise).run()
     finally:
         logger.close()
-    if env.is_main and "stopped_at" not in final:
+    if env.is_main and "stopped_at" not in final and "finished_at" not in final:
         newest = next(iter(list_checkpoints(checkpoints.folder)), None)
         print_summary(final, run_dir, newest, logger, cfg.wandb.mode)
     return final
@@ -120,7 +132,7 @@ class _Loop:
         self.cfg, self.env, self.t, self.state = cfg, env, t, state
         self.checkpoints, self.logger, self.val_ds = checkpoints, logger, val_ds
         self.recalibrate = Recalibrator(precise, t, state.data, logger)
-        self.meter = _LossMeter(state.step)
+        self.meter = _LossMeter(state.step, cfg.train.clip_grad_norm)
 
     def run(self) -> dict:
         cfg, t, state = self.cfg, self.t, self.state
@@ -138,8 +150,16 @@ class _Loop:
                         self.meter.add(train_step(t, batches))
                         state.step += 1
                         self._after_step(progress)
-            average_local_bn_stats(t.model, self.env)
-            final = self._evaluate()
+                if stop.set:  # asked during the last step or its save: that save is done
+                    return self._preempted()
+                # The final checkpoint is saved: a stop now ends the eval at once.
+                stop.raise_now = True
+                try:
+                    average_local_bn_stats(t.model, self.env)
+                    final = self._evaluate()
+                except KeyboardInterrupt:
+                    return self._preempted(during="the final eval")
+                stop.raise_now = False
             self.logger.log({"step": state.step, "eval": final})
             return final
         finally:
@@ -218,15 +238,26 @@ class _Loop:
         images = [im.cpu() for im in images]
         self.logger.log_detections(self.state.step, images, outputs, self.val_ds.categories)
 
-    def _preempted(self) -> dict:
-        if self.checkpoints.last_saved != self.state.step:
-            with self.recalibrate.precise(self.state.step) as ema:
-                self.checkpoints.save(self.state, bn_ema=ema)
-        self.logger.log({"step": self.state.step, "event": "preempted"})
+    def _preempted(self, during: str | None = None) -> dict:
+        step = self.state.step
+        if self.checkpoints.last_saved != step:
+            # The training state first, at once: precise BN (tens of batches) is not on
+            # the preemption path.  The checkpoint holds training's moving averages; the
+            # resumed run recalibrates at its next eval or save.
+            if self.env.is_main:
+                print(f"stop requested at step {step}: saving ...", flush=True)
+            self.checkpoints.save(self.state, bn_ema=None)
+        self.logger.log({"step": step, "event": "preempted"})
         if self.env.is_main:
+            where = f" during {during}" if during else ""
             print(
-                f"stop requested: checkpoint saved at step {self.state.step}; rerun the "
-                f"same command to resume",
+                f"stop requested{where}: checkpoint saved at step {step}; rerun the same "
+                f"command to resume"
+                + (
+                    f" (`normpilot eval --run {self.checkpoints.folder.parent}` evaluates it)"
+                    if during
+                    else ""
+                ),
                 flush=True,
             )
             if marker := os.environ.get("NORMPILOT_PREEMPT_FILE"):  # launch/preemptible.sh
@@ -263,10 +294,15 @@ def train_step(t: Training, batches: list) -> torch.Tensor:
     return loss_sum
 
 
+class TrainingDiverged(ValueError):
+    """The loss went non-finite: a user-facing error (no traceback)."""
+
+
 class _LossMeter:
     """Step losses summed on the device; read on the host only at log points."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, clip: float | None = None):
+        self.clip = clip
         self._start(step)
 
     def _start(self, step: int) -> None:
@@ -290,9 +326,15 @@ class _LossMeter:
         return loss, steps, seconds
 
     def _raise(self, step: int):
-        raise FloatingPointError(
+        advice = (
+            "(train.clip_grad_norm is set); lower train.lr"
+            if self.clip is not None
+            else "lower train.lr or set train.clip_grad_norm"
+        )
+        raise TrainingDiverged(
             f"the loss is not finite in steps {self.first}-{step} "
-            f"(loss sum {self.sum.item()}); lower train.lr or set train.clip_grad_norm"
+            f"(loss sum {self.sum.item()}) {advice}. No checkpoint was written from these "
+            f"steps"
         )
 
 

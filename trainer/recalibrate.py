@@ -25,6 +25,7 @@ __all__ = ["Recalibrator"]
 class Recalibrator:
     def __init__(self, plan: PreciseBNPlan, t, stream, logger):
         self.plan, self.t, self.stream, self.logger = plan, t, stream, logger
+        self._said_short = False
 
     @contextlib.contextmanager
     def precise(self, step: int, keep: bool = False):
@@ -42,6 +43,13 @@ class Recalibrator:
         batches = self.stream.loader(epoch=self.stream.epoch, skip_batches=0)
         n = precise_bn(model, batches, self.plan.num_batches, forward=self._forward)
         seconds = time.perf_counter() - t0
+        if n < self.plan.num_batches and not self._said_short and self.logger.enabled:
+            self._said_short = True  # once: every recalibration of the run is as short
+            print(
+                f"precise BN: {n} batches (one epoch of this rank's data) instead of "
+                f"norm.precise_bn.num_batches={self.plan.num_batches}",
+                flush=True,
+            )
         self.logger.log({"step": step, "precise_bn_s": seconds, "precise_bn_batches": n})
         try:
             yield saved

@@ -76,7 +76,7 @@ def load_datasets(cfg: Config, env: DistEnv):
     if train_ds.num_classes != cfg.model.num_classes:
         raise ConfigError(
             f"model.num_classes={cfg.model.num_classes} but the training data has "
-            f"{train_ds.num_classes} classes"
+            f"{train_ds.num_classes} classes: set model.num_classes={train_ds.num_classes}"
         )
     if len(train_ds) < cfg.train.per_device_batch * env.world_size:
         raise DataError(

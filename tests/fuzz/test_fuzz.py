@@ -63,6 +63,8 @@ class Case:
     code: int
     message: str | Callable[[Ctx], str]
     warns: str | None = None  # a warning that must be raised (its text)
+    changes_run: bool = False  # the command may write into ctx.run (eval.json)
+    after: Callable[[Ctx], bool] | None = None  # a further check on the files left
     marks: list = field(default_factory=list)
 
 
@@ -229,6 +231,53 @@ CASES = [
         "got inf",
         warns="override train.lr given twice ('train.lr=0.01', then 'train.lr=inf')",
     ),
+    # -- training runs ----------------------------------------------------------------------
+    Case(
+        "resume-with-another-optimizer",
+        lambda c: None,
+        lambda c: c.resume("train.optimizer=sgd", "train.max_steps=6"),
+        2,
+        "was trained with train.optimizer='adamw', this run has train.optimizer='sgd'",
+    ),
+    Case(
+        "resume-with-a-batch-that-splits-the-position",
+        lambda c: None,
+        lambda c: c.resume("train.per_device_batch=3", "train.max_steps=6"),
+        2,
+        "resume with train.per_device_batch=2",
+    ),
+    Case(
+        "rerun-a-finished-run",
+        lambda c: None,
+        lambda c: c.resume(),
+        0,
+        "already finished: step_00000004.pt is at step 4 (train.max_steps=4); nothing to do",
+        after=lambda c: not (c.run / "wandb").exists(),
+    ),
+    Case(
+        "config-error-leaves-no-run-folder",
+        lambda c: None,
+        lambda c: c.train("model.num_classes=5"),
+        2,
+        "model.num_classes=5 but the training data has 3 classes: set model.num_classes=3",
+        after=lambda c: not (c.tmp / "runs" / "fuzz").exists(),
+    ),
+    Case(
+        "loss-diverges",
+        lambda c: None,
+        lambda c: c.train("train.lr=1e30", "train.warmup_steps=0"),
+        2,
+        "(train.clip_grad_norm is set); lower train.lr. No checkpoint was written",
+        after=lambda c: not list((c.tmp / "runs" / "fuzz").glob("checkpoints/*.pt")),
+    ),
+    Case(
+        "precise-bn-with-a-short-epoch",
+        lambda c: None,
+        lambda c: c.train(),
+        0,
+        "precise BN: 12 batches (one epoch of this rank's data) instead of "
+        "norm.precise_bn.num_batches=50",
+    ),
     # -- checkpoints and after-training commands --------------------------------------------
     Case(
         "checkpoint-holds-a-list",
@@ -237,6 +286,7 @@ CASES = [
         0,
         "(step_00000004.pt, step 4)",
         warns="step_00000099.pt is not a normpilot checkpoint: it holds a list",
+        changes_run=True,
     ),
     Case(
         "checkpoint-is-text",
@@ -245,6 +295,7 @@ CASES = [
         0,
         "(step_00000004.pt, step 4)",
         warns="step_00000099.pt is not a torch checkpoint file (File is not a zip file)",
+        changes_run=True,
     ),
     Case(
         "checkpoint-damaged-mid-file",
@@ -253,6 +304,7 @@ CASES = [
         0,
         "(step_00000002.pt, step 2)",
         warns="step_00000004.pt is damaged: record",
+        changes_run=True,
     ),
     Case(
         "checkpoint-weights-only",
@@ -459,9 +511,11 @@ def test_fuzz_case(case: Case, ctx: Ctx, capsys):
     assert "Traceback" not in err
     if case.warns:
         assert any(case.warns in str(w.message) for w in caught), [str(w.message) for w in caught]
-    if case.code != 0 or (argv[0] == "train" and "run.name=done" not in argv):
+    if not case.changes_run:
         # a failed command changes nothing; another run's folder is never touched
         assert _snapshot(ctx.run) == before
+    if case.after:
+        assert case.after(ctx)
 
 
 def test_16bit_png_loads_as_its_luminance(ctx):

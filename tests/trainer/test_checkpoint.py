@@ -112,3 +112,21 @@ def test_resume_checks_name_what_differs(tmp_path):
         check_resume(ckpt, tmp_path, "b", {"backbone": choice("bn")})
     with pytest.raises(CheckpointError, match="norm.override.backbone=bn"):
         check_resume(ckpt, tmp_path, "a", {"backbone": choice("gn")})
+
+
+def test_position_is_translated_in_samples_for_another_batch():
+    """8 samples into the epoch at batch 2 is batch 2 at batch 4 (the sampler's order does
+    not depend on the batch); 8 samples do not start a batch of 3, which is refused."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from trainer.checkpoint import CheckpointError, _translate_position
+
+    ckpt = {"config": {"train": {"per_device_batch": 2}}}
+    state = SimpleNamespace(data=SimpleNamespace(epoch=1, pos=4))
+    _translate_position(state, ckpt, Path("step_00000004.pt"), batch=4)
+    assert (state.data.epoch, state.data.pos) == (1, 2)
+    state = SimpleNamespace(data=SimpleNamespace(epoch=1, pos=4))
+    with pytest.raises(CheckpointError, match="resume with train.per_device_batch=2"):
+        _translate_position(state, ckpt, Path("step_00000004.pt"), batch=3)
+    assert state.data.pos == 4

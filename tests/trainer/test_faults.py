@@ -1,0 +1,137 @@
+"""Faults that need a real process: a stop signal with precise BN on, a write error during
+a checkpoint save, a second Ctrl-C.  Each ends with one message, no traceback, and the
+run folder in a state the next start resumes from."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.helpers import FAST_DET, ROOT, metrics_rows, subprocess_env, train_cmd
+from trainer.cli import main
+
+DET = str(ROOT / "configs/shapes_det.yaml")
+
+
+def _start(cmd, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_sigterm_saves_at_once_without_precise_bn(tmp_path, data_root):
+    """Precise BN is on (Batch Renorm at batch 2) with 50 batches: the stop checkpoint is
+    written without a recalibration pass, and says so when the signal arrives."""
+    out = tmp_path / "runs"
+    cmd = train_cmd(
+        DET, out, data_root, "stop", *FAST_DET, "train.max_steps=400", "checkpoint.interval=1000"
+    )
+    proc = _start(cmd)
+    metrics = out / "stop" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    seconds = time.monotonic() - sent
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert "stop requested (SIGTERM): saving a checkpoint after the current step" in stderr
+    assert "stop requested at step" in stdout and "Traceback" not in stderr
+    rows = metrics_rows(out / "stop")
+    step = next(r["step"] for r in rows if r.get("event") == "preempted")
+    assert not any("precise_bn_batches" in r for r in rows)  # no recalibration ran
+    ckpt = torch.load(out / "stop" / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)
+    assert ckpt["step"] == step and ckpt["bn_ema"] is None
+    print(f"SIGTERM -> exit with the checkpoint written: {seconds:.1f} s")
+
+
+def test_sigterm_during_the_final_eval_ends_it_and_keeps_the_checkpoint(
+    tmp_path, data_root, monkeypatch, capsys
+):
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)  # arrives while the final eval runs
+        raise AssertionError("the stop must end the eval")
+
+    monkeypatch.setattr("trainer.loop.evaluate", interrupted)
+    args = [
+        "train",
+        "--config",
+        DET,
+        f"run.output_dir={tmp_path}",
+        "run.name=fe",
+        f"data.root={data_root}",
+        *FAST_DET,
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "stop requested during the final eval: checkpoint saved at step 4" in out
+    assert (tmp_path / "fe" / "checkpoints" / "step_00000004.pt").is_file()
+    assert not any("eval" in r for r in metrics_rows(tmp_path / "fe"))
+
+
+def test_a_second_ctrl_c_stops_without_a_traceback(tmp_path, data_root, monkeypatch, capsys):
+    def second_ctrl_c(cfg, env):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("trainer.loop.train", second_ctrl_c)
+    args = [
+        "train",
+        "--config",
+        DET,
+        f"run.output_dir={tmp_path}",
+        "run.name=cc",
+        f"data.root={data_root}",
+        *FAST_DET,
+    ]
+    assert main(args) == 130
+    assert "interrupted: stopped at once; the run resumes from the start" in (
+        capsys.readouterr().err
+    )
+
+
+def _file_limit(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write error, not a kill
+
+    return apply
+
+
+@pytest.mark.parametrize("limit_mb", [20])
+def test_a_failed_save_names_the_file_and_leaves_no_temporary(tmp_path, data_root, limit_mb):
+    # The data is generated first: the limit applies to the training run only.
+    from trainer.data.shapes import ensure_shapes
+
+    ensure_shapes(data_root, "detection", 24, 8, 64)
+    out = tmp_path / "runs"
+    cmd = train_cmd(DET, out, data_root, "full", *FAST_DET)
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_limit(limit_mb * 2**20),
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ckpt = out / "full" / "checkpoints" / "step_00000002.pt"
+    assert f"could not write checkpoint {ckpt}: File too large" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((out / "full" / "checkpoints").iterdir())  # no .tmp left behind
+    rows = [json.loads(x) for x in (out / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert rows  # the log written before the failure is intact
