@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train demo test lint bench study study-cls study-det clean
+.PHONY: install train demo test lint bench bench-threads study study-cls study-det clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: lint
 bench: $(STAMP)
 	$(PY) bench/layers.py
 	$(PY) bench/speed.py
+
+# Training images/s with run.threads=auto against torch's default threads, 1 and 2 processes.
+bench-threads: $(STAMP)
+	$(PY) bench/threads.py
 
 # The small-batch studies; both keep one file per finished cell and continue where they
 # stopped.  `--quick` versions run in make test.

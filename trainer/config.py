@@ -24,7 +24,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from trainer.archs import CLASSIFICATION_ARCHS, DETECTION_ARCHS, task_of
 
-__all__ = ["Config", "ConfigError", "load_config", "to_yaml", "to_dict"]
+__all__ = ["Config", "ConfigError", "load_config", "resolve_threads", "to_yaml", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -52,9 +52,20 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool = False
+    # torch's intra-op threads per process: auto (OMP_NUM_THREADS when set, else this
+    # process's share of the CPUs less half of it for the data workers) | an int >= 1.
+    # torch's default (every core) oversubscribes a machine whose cores other processes
+    # or the loader workers also use; see the README's "CPU threads".
+    threads: Any = "auto"
 
     def __post_init__(self) -> None:
         _one_of("run.device", self.device, ("auto", "cpu", "cuda"))
+        if self.threads != "auto" and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ConfigError(
+                f"run.threads must be 'auto' or an integer >= 1, got {self.threads!r}"
+            )
         # The run folder is <output_dir>/<name>: a name that is a path could write outside
         # output_dir (run.name=.. put config.yaml into output_dir's parent).
         name = self.name
@@ -67,6 +78,27 @@ class RunConfig:
             raise ConfigError(
                 f"run.name must be a plain folder name (no '/', '\\', '..' or '.'), got {name!r}"
             )
+
+
+def cpus_available() -> int:
+    """CPUs this process may run on (taskset, cgroups under SLURM), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(setting, local_world_size: int, workers: int) -> tuple[int, str]:
+    """(intra-op threads, why) for one training process."""
+    if setting != "auto":
+        return setting, "run.threads"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"])), "OMP_NUM_THREADS"
+    share = max(1, cpus_available() // max(1, local_world_size))
+    threads = max(1, share - min(workers, share // 2))
+    return threads, (
+        f"auto: {cpus_available()} CPUs / {local_world_size} process(es), {workers} data worker(s)"
+    )
 
 
 @dataclass

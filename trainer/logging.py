@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -148,22 +149,39 @@ class Progress:
     """tqdm on an interactive terminal, plain lines otherwise (logs, CI).  ``advance`` is
     called every step and reads nothing; ``report`` at log points, with the numbers."""
 
+    # Off a terminal: a line at the first step, then at least this often (seconds), so
+    # a slow start or a long log_interval never looks like a hang.
+    EVERY_S = 30.0
+
     def __init__(self, enabled: bool, total: int, initial: int):
         self.bar = None
         self.enabled, self.total = enabled, total
+        self.step, self.t0 = initial, time.perf_counter()
+        self.last_line = None  # perf_counter of the last plain line
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def advance(self) -> None:
+        """Every step; reads nothing from the device."""
+        self.step += 1
         if self.bar is not None:
             self.bar.update(1)
+        elif self.enabled:
+            now = time.perf_counter()
+            if self.last_line is None or now - self.last_line >= self.EVERY_S:
+                self.last_line = now
+                print(
+                    f"step {self.step}/{self.total}  ({now - self.t0:.0f} s since start)",
+                    flush=True,
+                )
 
     def report(self, step: int, loss: float, ips: float, lr: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
         elif self.enabled:
+            self.last_line = time.perf_counter()
             print(
                 f"step {step}/{self.total}  loss {loss:.4f}  {ips:.1f} img/s  lr {lr:.2e}",
                 flush=True,

@@ -32,7 +32,7 @@ from trainer.checkpoint import (
     seed_everything,
     write_atomic,
 )
-from trainer.config import Config, to_dict, to_yaml
+from trainer.config import Config, resolve_threads, to_dict, to_yaml
 from trainer.data import DataError, describe
 from trainer.data.stream import BatchStream, LoaderFactory
 from trainer.distributed import DistEnv, any_flag, average_local_bn_stats
@@ -65,6 +65,12 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
     DataLoader over this rank's shard (benchmarks inject in-memory batches here).
     """
     seed_everything(cfg.run.seed + env.rank, cfg.run.deterministic)
+    threads, why = resolve_threads(
+        cfg.run.threads, env.local_world_size, cfg.data.workers(env.local_world_size)
+    )
+    torch.set_num_threads(threads)  # before any model or data work
+    if env.is_main:
+        print(f"threads: {threads} per process ({why})", flush=True)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     train_ds, val_ds = load_datasets(cfg, env)
     # The policy is re-derived on every start: a restart may have another world size.
@@ -107,21 +113,56 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         )
         checkpoints.restore(state, found, reseed, batch=cfg.train.per_device_batch)
 
+    # A resume that fails before its first checkpoint leaves the folder describing the
+    # checkpoints it holds: config.yaml, policy.json and metrics.jsonl are put back.
+    undo = _FolderUndo(run_dir) if found is not None and env.is_main else None
     if env.is_main:
         write_atomic(run_dir / "config.yaml", to_yaml(cfg))
         write_atomic(run_dir / "policy.json", json.dumps(record, indent=2) + "\n")
-    logger = _open_logger(cfg, env, run_dir, state.wandb_id, plan)
-    state.wandb_id = logger.run_id
-    if found is not None:
-        logger.log({"step": state.step, "event": "resume", "world_size": env.world_size})
+    logger = None
     try:
+        logger = _open_logger(cfg, env, run_dir, state.wandb_id, plan)
+        state.wandb_id = logger.run_id
+        if found is not None:
+            logger.log({"step": state.step, "event": "resume", "world_size": env.world_size})
         final = _Loop(cfg, env, t, state, checkpoints, logger, val_ds, precise).run()
+    except BaseException:
+        if undo is not None and checkpoints.last_saved == found[0]["step"]:
+            if logger is not None:
+                logger.close()
+                logger = None
+            undo.restore()
+        raise
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     if env.is_main and "stopped_at" not in final and "finished_at" not in final:
         newest = next(iter(list_checkpoints(checkpoints.folder)), None)
         print_summary(final, run_dir, newest, logger, cfg.wandb.mode)
     return final
+
+
+class _FolderUndo:
+    """The run folder's config.yaml, policy.json and metrics.jsonl length, to put back."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.files = {
+            name: (run_dir / name).read_bytes()
+            for name in ("config.yaml", "policy.json")
+            if (run_dir / name).is_file()
+        }
+        metrics = run_dir / "metrics.jsonl"
+        self.metrics_size = metrics.stat().st_size if metrics.is_file() else 0
+
+    def restore(self) -> None:
+        for name, data in self.files.items():
+            tmp = self.run_dir / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, self.run_dir / name)
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            os.truncate(metrics, self.metrics_size)
 
 
 class _Loop:

@@ -17,7 +17,7 @@ from trainer.data.stream import BatchStream
 from trainer.distributed import DistEnv
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
-META = {"config": {"model": {"arch": "arch"}}}
+META = {"config": {"model": {"arch": "arch"}}, "policy": {"parts": {}}}
 
 
 def make_state(seed: int) -> TrainState:

@@ -74,7 +74,7 @@ def test_interpolations_resolve_once_and_saved_config_is_resolved(tmp_path):
         ("norm.policy.min_batch=0", r"norm.policy.min_batch must be >= 1, got 0"),
         ("train.amp=fp8", r"train.amp='fp8'"),
         ("model.arch=vgg16", r"model.arch='vgg16'"),
-        ("train.lr=0", r"train.lr must be > 0, got 0"),
+        ("train.lr=0", r"train.lr must be a finite number > 0, got 0"),
         ("run.device=tpu", r"run.device='tpu'"),
         ("dist.backend=mpi", r"dist.backend='mpi'"),
         ("no_equals_sign", r"'no_equals_sign' is not of the form key=value"),

@@ -135,3 +135,35 @@ def test_a_failed_save_names_the_file_and_leaves_no_temporary(tmp_path, data_roo
     assert not list((out / "full" / "checkpoints").iterdir())  # no .tmp left behind
     rows = [json.loads(x) for x in (out / "full" / "metrics.jsonl").read_text().splitlines()]
     assert rows  # the log written before the failure is intact
+
+
+def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(tmp_path, data_root, monkeypatch):
+    from trainer.loop import train_step
+
+    args = [
+        "train",
+        "--config",
+        DET,
+        f"run.output_dir={tmp_path}",
+        "run.name=r",
+        f"data.root={data_root}",
+        *FAST_DET,
+    ]
+    assert main(args) == 0
+    run_dir = tmp_path / "r"
+    before = {
+        p: (run_dir / p).read_bytes() for p in ("config.yaml", "policy.json", "metrics.jsonl")
+    }
+    calls = []
+
+    def fails_once_resumed(t, batches):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a failure in the second step after the resume")
+        return train_step(t, batches)
+
+    monkeypatch.setattr("trainer.loop.train_step", fails_once_resumed)
+    with pytest.raises(RuntimeError, match="second step"):
+        main([*args, "train.max_steps=8", "checkpoint.interval=4", "train.lr=0.002"])
+    after = {p: (run_dir / p).read_bytes() for p in before}
+    assert after == before

@@ -81,3 +81,33 @@ def test_non_main_rank_writes_nothing(tmp_path):
     logger.log({"step": 1})
     logger.close()
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_progress_off_a_terminal_prints_at_the_first_step_and_every_30_s(capsys, monkeypatch):
+    from trainer.logging import Progress
+
+    clock = iter([0.0, 1.0, 2.0, 40.0, 41.0])
+    monkeypatch.setattr("trainer.logging.time.perf_counter", lambda: next(clock))
+    p = Progress(True, 100, 0)  # t0 = 0; stdout is captured, not a terminal
+    p.advance()  # step 1 at 1 s: the first line
+    p.advance()  # step 2 at 2 s: too soon
+    p.advance()  # step 3 at 40 s: 39 s since the last line
+    p.advance()  # step 4 at 41 s
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["step 1/100  (1 s since start)", "step 3/100  (40 s since start)"]
+
+
+def test_threads_auto_leaves_room_for_the_loader_and_respects_omp(monkeypatch):
+    from trainer.config import resolve_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("trainer.config.cpus_available", lambda: 16)
+    assert resolve_threads("auto", 1, 8)[0] == 8  # 16 CPUs, 8 for workers
+    assert resolve_threads("auto", 2, 4)[0] == 4  # 8 each, half for workers
+    assert resolve_threads("auto", 1, 0)[0] == 16
+    monkeypatch.setattr("trainer.config.cpus_available", lambda: 2)
+    assert resolve_threads("auto", 1, 2)[0] == 1
+    assert resolve_threads("auto", 4, 1)[0] == 1
+    assert resolve_threads(3, 1, 2) == (3, "run.threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resolve_threads("auto", 1, 0) == (1, "OMP_NUM_THREADS")
