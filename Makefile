@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train demo test lint bench bench-threads study study-cls study-det clean
+.PHONY: install train demo test lint bench bench-threads bench-image-check study study-cls study-det clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 # Training images/s with run.threads=auto against torch's default threads, 1 and 2 processes.
 bench-threads: $(STAMP)
 	$(PY) bench/threads.py
+
+# Start-up cost of the image check (header / full decode) at 2k and 118k COCO-size JPEGs;
+# needs ~10 GB in $$TMPDIR for a while (the 118k files), root for the cold-cache cells.
+bench-image-check: $(STAMP)
+	$(PY) bench/image_check.py
 
 # The small-batch studies; both keep one file per finished cell and continue where they
 # stopped.  `--quick` versions run in make test.

@@ -20,6 +20,7 @@ import io
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import warnings
@@ -55,6 +56,10 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 class CheckpointError(ValueError):
     pass
+
+
+# Tensors of optimizer state per parameter: SGD's momentum buffer, AdamW's two moments.
+_OPTIMIZER_SLOTS = {"sgd": 1, "adamw": 2}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -364,6 +369,27 @@ class Checkpointer:
             # file; the checkpoints themselves are whole (written, then renamed).
             for stale in self.folder.glob(".step_*.pt.tmp"):
                 stale.unlink(missing_ok=True)
+
+    def check_space(self, model: nn.Module, optimizer: str) -> None:
+        """Refuse to start when the disk cannot hold one checkpoint of this model (a full
+        disk passes the write check at start-up: an empty file needs no space)."""
+        if not self.env.is_main:
+            return
+        weights = sum(t.numel() * t.element_size() for t in unwrap(model).state_dict().values())
+        need = weights * (1 + _OPTIMIZER_SLOTS.get(optimizer, 2))
+        free = shutil.disk_usage(self.folder).free
+        mb = lambda n: f"{n / 2**20:,.0f} MB"  # noqa: E731
+        if free < need:
+            raise CheckpointError(
+                f"{self.folder} has {mb(free)} free; a checkpoint of this model needs about "
+                f"{mb(need)}: free some space or set run.output_dir elsewhere"
+            )
+        if free < need * (self.keep + 1):
+            warnings.warn(
+                f"{self.folder} has {mb(free)} free, less than checkpoint.keep="
+                f"{self.keep} checkpoints of about {mb(need)} each and the one being written",
+                stacklevel=2,
+            )
 
     def latest(
         self, arch: str, plan: dict[str, NormChoice], optimizer: str | None = None

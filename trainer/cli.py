@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from trainer.config import ConfigError, load_config
@@ -220,7 +221,20 @@ def _after_training(sub) -> None:
     r.set_defaults(func=commands.cmd_runs)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    # Our own warnings are messages for the user: one line, without the source position.
+    where = Path(filename).resolve()
+    if category is UserWarning and any(where.is_relative_to(p) for p in _OURS):
+        return f"warning: {message}\n"
+    return _default_format(message, category, filename, lineno, line)
+
+
+_OURS = [Path(__file__).resolve().parents[1] / name for name in ("trainer", "norms")]
+_default_format = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

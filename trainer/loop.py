@@ -103,6 +103,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         return {"finished_at": found[0]["step"]}
 
     t = build_training(cfg, env, plan)
+    checkpoints.check_space(t.model, cfg.train.optimizer)
     if graphs.enabled:
         capture_static_part(t, train_ds)
     stream = BatchStream(loader or loader_factory(cfg, env, train_ds))

@@ -167,3 +167,24 @@ def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(tmp_path, data_root
         main([*args, "train.max_steps=8", "checkpoint.interval=4", "train.lr=0.002"])
     after = {p: (run_dir / p).read_bytes() for p in before}
     assert after == before
+
+
+def test_a_disk_too_full_for_one_checkpoint_is_refused_before_training(
+    tmp_path, data_root, monkeypatch, capsys
+):
+    """An empty probe file passes the start-up write check on a full disk; the free space
+    is compared with one checkpoint of the built model before the first step."""
+    import shutil
+
+    real = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real(path)
+        return usage._replace(free=3 * 2**20)  # 3 MB: the FCOS checkpoint needs far more
+
+    monkeypatch.setattr("trainer.checkpoint.shutil.disk_usage", nearly_full)
+    args = ["train", "--config", DET, f"run.output_dir={tmp_path}", "run.name=full"]
+    assert main([*args, f"data.root={data_root}", *FAST_DET]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'full' / 'checkpoints'} has 3 MB free; a checkpoint of this model" in err
+    assert not (tmp_path / "full" / "metrics.jsonl").exists()  # no step ran
