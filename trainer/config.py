@@ -189,6 +189,8 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
         _at_least("train.ref_batch", self.ref_batch, 1)
+        if not 0.0 <= self.momentum < 1.0:  # also refuses nan
+            raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
         _at_least("train.weight_decay", self.weight_decay, 0)
         _at_least("train.warmup_steps", self.warmup_steps, 0)
         _at_least("train.clip_grad_norm", self.clip_grad_norm, 0, allow_none=True)
@@ -221,7 +223,7 @@ class WandbConfig:
 
     def __post_init__(self) -> None:
         _one_of("wandb.mode", self.mode, ("online", "offline", "disabled"))
-        if self.init_timeout <= 0:
+        if not (self.init_timeout > 0 and math.isfinite(self.init_timeout)):
             raise ConfigError(f"wandb.init_timeout must be > 0, got {self.init_timeout}")
 
 

@@ -9,6 +9,7 @@ and the weights carry the statistics the checkpoint holds (precise BN where enab
 from __future__ import annotations
 
 import glob
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,15 @@ def load_run(
         "image_size": cfg.data.image_size,
         "categories": [{"id": i + 1, "name": str(i + 1)} for i in range(cfg.model.num_classes)],
     }
+    if ckpt["policy"].get("precise_bn", {}).get("enabled") and ckpt.get("bn_ema") is None:
+        # A stop request saves without the recalibration pass (it must be fast); precise
+        # BN runs when that run resumes.  Say so: these statistics are the noisier ones.
+        warnings.warn(
+            f"{path} was saved at a stop request, before precise BN: its BN statistics are "
+            f"training's moving averages, not the recalibrated ones (resume the run to "
+            f"finish it, or use an earlier checkpoint with --checkpoint)",
+            stacklevel=2,
+        )
     kinds = {part: c.kind for part, c in plan.items()}
     return Run(cfg, model.to(device).eval(), path, ckpt["step"], dataset, kinds)
 

@@ -224,6 +224,20 @@ CASES = [
         "train.lr must be a finite number > 0, got inf",
     ),
     Case(
+        "momentum-nan",
+        lambda c: None,
+        lambda c: c.train("train.momentum=nan"),
+        2,
+        "train.momentum must be in [0, 1), got nan",
+    ),
+    Case(
+        "wandb-timeout-nan",
+        lambda c: None,
+        lambda c: c.train("wandb.init_timeout=nan"),
+        2,
+        "wandb.init_timeout must be > 0, got nan",
+    ),
+    Case(
         "duplicate-override",
         lambda c: None,
         lambda c: c.train("train.lr=0.01", "train.lr=inf"),

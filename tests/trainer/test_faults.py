@@ -9,12 +9,14 @@ import resource
 import signal
 import subprocess
 import time
+import warnings
 
 import pytest
 import torch
 
 from tests.helpers import FAST_DET, ROOT, metrics_rows, subprocess_env, train_cmd
 from trainer.cli import main
+from trainer.inference import load_run
 
 DET = str(ROOT / "configs/shapes_det.yaml")
 
@@ -57,6 +59,9 @@ def test_sigterm_saves_at_once_without_precise_bn(tmp_path, data_root):
     ckpt = torch.load(out / "stop" / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)
     assert ckpt["step"] == step and ckpt["bn_ema"] is None
     print(f"SIGTERM -> exit with the checkpoint written: {seconds:.1f} s")
+    # eval / predict / export on it say that its statistics are not the recalibrated ones
+    with pytest.warns(UserWarning, match="saved at a stop request, before precise BN"):
+        load_run(out / "stop")
 
 
 def test_sigterm_during_the_final_eval_ends_it_and_keeps_the_checkpoint(
@@ -81,6 +86,9 @@ def test_sigterm_during_the_final_eval_ends_it_and_keeps_the_checkpoint(
     assert "stop requested during the final eval: checkpoint saved at step 4" in out
     assert (tmp_path / "fe" / "checkpoints" / "step_00000004.pt").is_file()
     assert not any("eval" in r for r in metrics_rows(tmp_path / "fe"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its last save ran precise BN: no warning
+        assert load_run(tmp_path / "fe").step == 4
 
 
 def test_a_second_ctrl_c_stops_without_a_traceback(tmp_path, data_root, monkeypatch, capsys):
