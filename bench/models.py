@@ -53,10 +53,10 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def _plan(kind: str, detection: bool) -> dict[str, NormChoice]:
-    plan = {"backbone": NormChoice("backbone", kind, False, "plain", "bench")}
+    plan = {"backbone": NormChoice("backbone", kind, False)}
     if detection:
-        plan["neck"] = NormChoice("neck", kind, False, "plain", "bench")
-        plan["head"] = NormChoice("head", "gn", True, "plain", "bench")
+        plan["neck"] = NormChoice("neck", kind, False)
+        plan["head"] = NormChoice("head", "gn", True)
     return plan
 
 

@@ -48,7 +48,7 @@ from norms import convert_norms  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.distributed import DistEnv, spawn_gloo  # noqa: E402
 from trainer.loop import train  # noqa: E402
-from trainer.norm_plan import plan_norms  # noqa: E402
+from trainer.plan import plan_run  # noqa: E402
 from trainer.training import build_training, load_datasets, loader_factory  # noqa: E402
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
@@ -104,7 +104,7 @@ def _hand_loop_seconds(preset, overrides, batches: list, steps: int, warmup: int
     ``build_training``) on the same batches; no service around the step."""
     cfg = _config(preset, [*overrides, f"train.max_steps={steps + warmup}"])
     torch.manual_seed(cfg.run.seed)
-    t = build_training(cfg, RUN, plan_norms(cfg, 1, RUN.device.type, RUN.backend))
+    t = build_training(cfg, RUN, plan_run(cfg, 1, RUN.device.type, RUN.backend))
     model, opt, sched, dev = t.model, t.optimizer, t.scheduler, RUN.device
     model.train()
 

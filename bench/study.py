@@ -200,7 +200,7 @@ def train_cell(cell: dict, data_path: str, rank: int = 0, world: int = 1) -> dic
     clip_samples = 0
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if cell["lr_scaling"] == "linear":
-        lr = scaled_lr(cell["lr"], cell["ref_batch"], batch, world, 1)
+        lr = scaled_lr(cell["lr"], cell["ref_batch"], batch * world)
     else:
         lr = cell["lr"] * (global_batch / cell["ref_batch"]) ** 0.5
     opt = build_optimizer(model, cell["optimizer"], lr, 0.9, cell["weight_decay"])

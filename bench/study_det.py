@@ -51,7 +51,7 @@ from common import AUTO2_STYLE, AUTO_STYLE, CellStore, log_runs_wandb, machine, 
 from trainer.config import BatchRenormConfig, load_config  # noqa: E402
 from trainer.distributed import DistEnv, spawn_gloo  # noqa: E402
 from trainer.loop import train  # noqa: E402
-from trainer.norm_plan import plan_norms, precise_bn_plan  # noqa: E402
+from trainer.plan import plan_run  # noqa: E402
 
 CONFIG = ROOT / "configs" / "shapes_det.yaml"
 
@@ -110,9 +110,9 @@ def plan_signature(cell: dict) -> tuple:
     whether precise BN runs.  Two cells with equal signatures (and batch, seed, recipe)
     are the same run."""
     cfg = load_config(CONFIG, overrides(cell, "unused"))
-    plan = plan_norms(cfg, cell["world"], "cpu", "gloo")
-    parts = tuple((p, c.kind, c.ws, c.sync_group_size) for p, c in sorted(plan.items()))
-    return parts, precise_bn_plan(cfg, plan).enabled
+    plan = plan_run(cfg, cell["world"], "cpu", "gloo")
+    parts = tuple((p, c.kind, c.ws, c.sync_group_size) for p, c in sorted(plan.parts.items()))
+    return parts, plan.precise.enabled
 
 
 def run_cell(cell: dict, rank: int = 0, world: int = 1) -> dict:

@@ -4,15 +4,22 @@ conversion and the per-run norm policy."""
 
 from norms.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, renorm_diagnostics
 from norms.convert import convert_norms, is_batch_norm, running_stat_layers
+from norms.explain import explain
 from norms.group_norm import choose_groups, group_norm
+from norms.per_level import PerLevelNorm, per_level_norms
 from norms.policy import PARTS, NormChoice, NormPolicy, resolve_device, select_norm
 from norms.precise_bn import precise_bn
 from norms.registry import (
+    KindFacts,
     available_norms,
     build_norm,
     get_norm,
     is_batch_norm_kind,
+    is_renorm_kind,
+    is_sync_kind,
+    kind_facts,
     learns_running_stats,
+    local_kind,
     norm_for_rank,
     register_norm,
     unregister_norm,
@@ -25,8 +32,10 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "FrozenBatchNorm2d",
+    "KindFacts",
     "NormChoice",
     "NormPolicy",
+    "PerLevelNorm",
     "PARTS",
     "SyncBatchNorm",
     "SyncBatchRenorm",
@@ -36,12 +45,18 @@ __all__ = [
     "choose_groups",
     "convert_convs_to_ws",
     "convert_norms",
+    "explain",
     "get_norm",
     "group_norm",
     "is_batch_norm",
     "is_batch_norm_kind",
+    "is_renorm_kind",
+    "is_sync_kind",
+    "kind_facts",
     "learns_running_stats",
+    "local_kind",
     "norm_for_rank",
+    "per_level_norms",
     "precise_bn",
     "register_norm",
     "renorm_diagnostics",

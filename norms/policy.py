@@ -43,11 +43,11 @@ input here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from norms.group_norm import choose_groups
-from norms.registry import available_norms
+from norms.registry import available_norms, is_sync_kind
 
 __all__ = [
     "PARTS",
@@ -60,84 +60,106 @@ __all__ = [
 ]
 
 PARTS = ("backbone", "neck", "head")
-SYNC_KINDS = ("syncbn", "syncbrn")
 
 
-@dataclass(frozen=True)
+@dataclass
 class NormPolicy:
-    """The policy's knobs; every threshold is configurable."""
+    """The policy's settings: the ``norm.policy`` section of a run's config (the trainer
+    embeds this class in its schema) and ``select_norm``'s knobs.  Each comment is the
+    setting's documentation."""
 
+    # BN / SyncBN from this many samples per statistic (per device, or combined over the
+    # ranks of a sync group).  8, and min_values 8, from the studies (module docstring).
     min_batch: int = 8
-    local_bn_batch: int | None = None
-    head_kind: str = "gn"  # "gn" or "same" (as the backbone rule)
-    head_ws: bool = True
-    freeze_bn: bool = False  # frozenbn for a backbone loaded from pretrained weights
-    pretrained_backbone: bool = False
-    gn_groups: int | None = None  # None: choose_groups(C) per layer
-    override: Mapping[str, str | None] = field(default_factory=dict)
-    # Ranks per synchronized group: "auto" (the smallest group of consecutive ranks
-    # whose combined batch reaches min_batch, inside one node when a node can), "world",
-    # or an int dividing world_size.  local_world_size: processes per node (None: all
-    # in one node).
-    sync_group: str | int = "auto"
-    local_world_size: int | None = None
-    # Below min_batch: "auto" (Batch Renorm when each statistic has >= min_values values,
-    # else GroupNorm), "gn" (GroupNorm, + WS on the part's convs when gn_ws) or "brn"
-    # (Batch Renorm; synchronized on several ranks).
+    local_bn_batch: int | None = None  # keep local BN at/above this per-device batch
+    head_kind: str = "gn"  # gn | same (the backbone's rule)
+    head_ws: bool = True  # Weight Standardization on a GroupNorm head's convs
+    # Below min_batch: auto (Batch Renorm -- synchronized on several ranks -- while the
+    # batch x H x W values behind each statistic at the part's smallest normalized map
+    # reach min_values; else GroupNorm) | gn (GroupNorm; WS on the part's convs when
+    # gn_ws) | brn (Batch Renorm).
     small_batch: str = "auto"
     min_values: int = 8
     gn_ws: bool = True
+    freeze_bn: bool = False  # frozenbn for a backbone loaded from pretrained weights
+    gn_groups: int | None = None  # null: choose_groups(C) per layer
+    # Ranks per SyncBN/SyncBRN group: auto (the fewest consecutive ranks whose combined
+    # batch reaches min_batch, inside a node when one can) | world | an int dividing it.
+    # Typed Any: OmegaConf has no str-or-int type.
+    sync_group: Any = "auto"
 
     def __post_init__(self) -> None:
-        if self.min_batch < 1:
-            raise ValueError(f"norm.policy.min_batch must be >= 1, got {self.min_batch}")
-        if self.local_bn_batch is not None and self.local_bn_batch < 1:
-            raise ValueError(
-                f"norm.policy.local_bn_batch must be >= 1 or null, got {self.local_bn_batch}"
-            )
-        if self.head_kind not in ("gn", "same"):
-            raise ValueError(
-                f"norm.policy.head_kind must be 'gn' or 'same', got {self.head_kind!r}"
-            )
-        if self.small_batch not in ("auto", "gn", "brn"):
-            raise ValueError(
-                f"norm.policy.small_batch must be 'auto', 'gn' or 'brn', got {self.small_batch!r}"
-            )
-        if self.min_values < 1:
-            raise ValueError(f"norm.policy.min_values must be >= 1, got {self.min_values}")
-        if self.gn_groups is not None and self.gn_groups < 1:
-            raise ValueError(f"norm.policy.gn_groups must be >= 1 or null, got {self.gn_groups}")
-        if self.sync_group not in ("auto", "world") and not (
-            isinstance(self.sync_group, int) and self.sync_group >= 1
+        def at_least(key: str, low: int, allow_none: bool = False) -> None:
+            value = getattr(self, key)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                none = " or null" if allow_none else ""
+                raise ValueError(f"norm.policy.{key} must be >= {low}{none}, got {value!r}")
+
+        at_least("min_batch", 1)
+        at_least("local_bn_batch", 1, allow_none=True)
+        at_least("min_values", 1)
+        at_least("gn_groups", 1, allow_none=True)
+        for key, options in (("head_kind", HEAD_KINDS), ("small_batch", SMALL_BATCH)):
+            if getattr(self, key) not in options:
+                raise ValueError(
+                    f"norm.policy.{key}={getattr(self, key)!r} is not one of "
+                    f"{', '.join(map(repr, options))}"
+                )
+        sync = self.sync_group
+        if sync not in ("auto", "world") and (
+            isinstance(sync, bool) or not isinstance(sync, int) or sync < 1
         ):
             raise ValueError(
-                f"norm.policy.sync_group must be 'auto', 'world' or a positive integer, "
-                f"got {self.sync_group!r}"
+                f"norm.policy.sync_group must be 'auto', 'world' or an integer >= 1, got {sync!r}"
             )
-        for part, kind in self.override.items():
-            if part not in PARTS:
-                raise ValueError(
-                    f"unknown part {part!r} in norm.override; parts are {', '.join(PARTS)}"
-                )
-            if kind is not None and kind not in available_norms():
-                raise ValueError(
-                    f"norm.override.{part}={kind!r} is not a norm kind; valid kinds: "
-                    f"{', '.join(available_norms())}"
-                )
+
+
+HEAD_KINDS = ("gn", "same")
+SMALL_BATCH = ("auto", "gn", "brn")
+
+# Which rule decided a part (NormChoice.rule), in order of precedence.
+RULES = (
+    "override",  # norm.override.<part>
+    "freeze_bn",  # pretrained backbone + freeze_bn: frozenbn
+    "head_gn",  # head_kind=gn
+    "pretrained",  # a pretrained backbone the batch rule would give GN: frozenbn
+    "local_bn",  # per_device_batch >= local_bn_batch on several ranks
+    "local_group",  # a sync kind whose group would be one rank: local BN
+    "bn",  # one process, per_device_batch >= min_batch
+    "syncbn",  # several processes, combined batch >= min_batch
+    "small_batch",  # below min_batch, norm.policy.small_batch=gn|brn
+    "values",  # below min_batch, batch x H x W counted against min_values
+    "values_unknown",  # below min_batch, no feature map size given: GroupNorm
+    "given",  # built from a record (a checkpoint's policy), not decided here
+)
 
 
 @dataclass(frozen=True)
 class NormChoice:
+    """One part's decision and the facts behind it; ``explain()`` words it."""
+
     part: str
     kind: str
     ws: bool
-    impl: str  # "plain" | "portable" | "torch-fused"
-    reason: str
+    impl: str = "plain"  # "plain" | "portable" | "torch-fused"
+    rule: str = "given"  # one of RULES
     sync_group_size: int = 1  # ranks whose batches one statistic covers (1: no sync)
+    world_size: int = 1
+    per_device_batch: int = 0
+    samples: int = 0  # samples behind one statistic (combined over the ranks on several)
+    spatial: int | None = None  # H x W of the part's smallest normalized map
+    values: int | None = None  # samples x spatial, when counted
+    picked: str | None = None  # what the batch rule picked (differs under an override)
+    channels: tuple[int, ...] = ()
+    freeze_ignored: bool = False  # freeze_bn set, but the backbone has no pretrained weights
+    local_world_size: int | None = None  # processes per node the groups were planned for
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("part")
+        d["channels"] = list(self.channels)
         return d
 
 
@@ -162,7 +184,7 @@ def sync_impl(kind: str, world_size: int, device: str, backend: str | None) -> s
     backend (CPU/gloo included, and always for syncbrn); ``plain``: no collective (world
     size 1, or a kind that never synchronizes).
     """
-    if kind not in SYNC_KINDS or world_size == 1:
+    if not is_sync_kind(kind) or world_size == 1:
         return "plain"
     _, backend = resolve_device(device, backend or "auto", cuda_available=device == "cuda")
     if kind == "syncbn" and device == "cuda" and backend != "gloo":
@@ -170,63 +192,41 @@ def sync_impl(kind: str, world_size: int, device: str, backend: str | None) -> s
     return "portable"
 
 
-def _batch_rule(world_size: int, batch: int, p: NormPolicy, spatial: int | None):
+@dataclass(frozen=True)
+class _Pick:
+    kind: str
+    rule: str
+    samples: int
+    values: int | None = None
+
+
+def _batch_rule(world_size: int, batch: int, p: NormPolicy, spatial: int | None) -> _Pick:
     if world_size > 1 and p.local_bn_batch is not None and batch >= p.local_bn_batch:
-        return "bn", (
-            f"per_device_batch {batch} >= local_bn_batch {p.local_bn_batch}: local BN on "
-            f"each of {world_size} ranks, no all-reduce"
-        )
-    if world_size == 1:
-        if batch >= p.min_batch:
-            return "bn", f"world_size 1, per_device_batch {batch} >= min_batch {p.min_batch}: BN"
-        why = f"world_size 1, per_device_batch {batch} < min_batch {p.min_batch}"
-        small, how = _small_batch(batch, spatial, p)
-        return small, f"{why}; {how}"
-    total = world_size * batch
-    if total >= p.min_batch:
-        return "syncbn", (
-            f"world_size {world_size} x per_device_batch {batch} = {total} >= min_batch "
-            f"{p.min_batch}: SyncBN over all ranks"
-        )
-    why = f"world_size {world_size} x per_device_batch {batch} = {total} < min_batch {p.min_batch}"
-    small, how = _small_batch(total, spatial, p, sync=True)
-    if small == "brn":
-        return "syncbrn", f"{why}; {how}"
-    return small, f"{why}, even combined; {how}"
-
-
-def _small_batch(
-    batch: int, spatial: int | None, p: NormPolicy, sync: bool = False
-) -> tuple[str, str]:
-    """Below min_batch: Batch Renorm or GroupNorm (+ WS), and why, in the table's words.
-    ``batch`` is what one statistic sees: the combined batch when ``sync``, and then the
-    Batch Renorm named is the synchronized one (the caller maps "brn" to "syncbrn")."""
-    gn = f"GroupNorm{' + Weight Standardization' if p.gn_ws else ''}, no batch statistics"
-    brn = "synchronized Batch Renorm" if sync else "Batch Renorm"
-    if p.small_batch == "brn":
-        return "brn", f"{brn} (norm.policy.small_batch=brn)"
-    if p.small_batch == "gn":
-        return "gn", f"{gn} (norm.policy.small_batch=gn)"
-    if spatial is None:
-        return "gn", f"{gn} (values per statistic unknown: no feature map size given)"
-    values = batch * spatial
-    if values >= p.min_values:
-        return "brn", (
-            f"{batch} x {spatial} = {values} values per statistic at the smallest normalized "
-            f"map >= min_values {p.min_values}: {brn}"
-        )
-    return "gn", (
-        f"{batch} x {spatial} = {values} values per statistic at the smallest normalized map "
-        f"< min_values {p.min_values}: {gn}"
-    )
+        return _Pick("bn", "local_bn", batch)
+    samples = world_size * batch  # what one statistic sees (all ranks combined)
+    if samples >= p.min_batch:
+        return _Pick("bn", "bn", batch) if world_size == 1 else _Pick("syncbn", "syncbn", samples)
+    if p.small_batch != "auto":
+        kind, rule, values = p.small_batch, "small_batch", None
+    elif spatial is None:
+        kind, rule, values = "gn", "values_unknown", None
+    else:
+        values = samples * spatial
+        kind, rule = ("brn" if values >= p.min_values else "gn"), "values"
+    if kind == "brn" and world_size > 1:
+        kind = "syncbrn"
+    return _Pick(kind, rule, samples, values)
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def sync_group_size(world: int, batch: int, p: NormPolicy) -> tuple[int, str]:
-    """(ranks per synchronized group, why) for a run of ``world`` ranks of ``batch``."""
+def sync_group_size(
+    world: int, batch: int, p: NormPolicy, local_world_size: int | None = None
+) -> tuple[int, str]:
+    """(ranks per synchronized group, why) for a run of ``world`` ranks of ``batch``;
+    ``local_world_size``: processes per node (None: all in one node)."""
     if p.sync_group == "world":
         return world, "norm.policy.sync_group=world"
     if isinstance(p.sync_group, int):
@@ -236,7 +236,7 @@ def sync_group_size(world: int, batch: int, p: NormPolicy) -> tuple[int, str]:
                 f"valid sizes: {', '.join(map(str, _divisors(world)))}"
             )
         return p.sync_group, f"norm.policy.sync_group={p.sync_group}"
-    local = p.local_world_size or world
+    local = local_world_size or world
     if world % local:
         local = world  # an uneven layout: plan as one node
     need = -(-p.min_batch // batch)  # ranks whose batches reach min_batch
@@ -251,13 +251,6 @@ def sync_group_size(world: int, batch: int, p: NormPolicy) -> tuple[int, str]:
     return k * local, f"groups of {k} nodes ({k * local} ranks, {k * local * batch} images)"
 
 
-def _describe_groups(channels: Iterable[int], p: NormPolicy) -> str:
-    channels = sorted(set(channels))
-    if not channels:
-        return f"{p.gn_groups} groups" if p.gn_groups else "groups from choose_groups(C)"
-    return ", ".join(f"{p.gn_groups or choose_groups(c)} groups of {c} channels" for c in channels)
-
-
 def _check_groups(kind: str, part: str, channels: Iterable[int], p: NormPolicy) -> None:
     if kind != "gn" or p.gn_groups is None:
         return
@@ -269,23 +262,7 @@ def _check_groups(kind: str, part: str, channels: Iterable[int], p: NormPolicy) 
             )
 
 
-def select_norm(
-    world_size: int,
-    per_device_batch: int,
-    part: str = "backbone",
-    policy: NormPolicy | None = None,
-    *,
-    device: str = "cpu",
-    backend: str | None = None,
-    channels: Iterable[int] = (),
-    spatial: int | None = None,
-) -> NormChoice:
-    """The norm for ``part`` of a run with ``world_size`` processes of
-    ``per_device_batch`` samples each.  ``device``/``backend`` decide ``impl``;
-    ``channels`` (the part's layer widths, when known) let GN group counts be checked;
-    ``spatial`` (H x W of the part's smallest normalized feature map, when known) counts
-    the values behind each statistic below min_batch."""
-    p = policy or NormPolicy()
+def _check_inputs(world_size, per_device_batch, part, spatial, override) -> None:
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got world_size={world_size!r}")
     if not isinstance(per_device_batch, int) or per_device_batch < 1:
@@ -296,51 +273,79 @@ def select_norm(
         raise ValueError(f"unknown part={part!r}; parts are {', '.join(PARTS)}")
     if spatial is not None and (not isinstance(spatial, int) or spatial < 1):
         raise ValueError(f"spatial must be an integer >= 1 or None, got spatial={spatial!r}")
-    kind, reason = _batch_rule(world_size, per_device_batch, p, spatial)
-    overridden = p.override.get(part)
-    if overridden is not None:
-        reason = f"override norm.override.{part}={overridden} (the policy would pick {kind})"
-        kind = overridden
-    elif part == "backbone" and p.freeze_bn and p.pretrained_backbone:
-        kind, reason = (
-            "frozenbn",
-            (
-                "backbone loaded from pretrained weights and norm.policy.freeze_bn=true: "
-                "FrozenBatchNorm keeps its statistics and affine fixed"
-            ),
+    if override is not None and override not in available_norms():
+        raise ValueError(
+            f"norm.override.{part}={override!r} is not a norm kind; valid kinds: "
+            f"{', '.join(available_norms())}"
         )
-    elif part == "head" and p.head_kind == "gn":
-        kind = "gn"
-        reason = (
-            f"head: GroupNorm ({_describe_groups(channels, p)})"
-            f"{' + Weight Standardization' if p.head_ws else ''}, independent of the batch size "
-            f"(norm.policy.head_kind=gn)"
-        )
-    elif part == "backbone" and p.pretrained_backbone and kind == "gn":
-        kind, reason = (
-            "frozenbn",
-            (
-                f"{reason.split(';')[0]}, and the backbone is loaded from pretrained BN "
-                "weights that GroupNorm cannot reuse: FrozenBatchNorm keeps their "
-                "statistics (what detectron2 and torchvision do for small-batch detection)"
-            ),
-        )
-    elif part == "backbone" and p.freeze_bn:
-        reason += " (freeze_bn ignored: the backbone has no pretrained weights)"
+
+
+def _part_rule(part: str, pick: _Pick, p: NormPolicy, override, pretrained) -> tuple[str, str]:
+    """(kind, rule) once the part's own rules are applied over the batch rule's pick."""
+    if override is not None:
+        return override, "override"
+    if part == "backbone" and p.freeze_bn and pretrained:
+        return "frozenbn", "freeze_bn"
+    if part == "head" and p.head_kind == "gn":
+        return "gn", "head_gn"
+    if part == "backbone" and pretrained and pick.kind == "gn":
+        return "frozenbn", "pretrained"  # GroupNorm cannot reuse the BN weights
+    return pick.kind, pick.rule
+
+
+def select_norm(
+    world_size: int,
+    per_device_batch: int,
+    part: str = "backbone",
+    policy: NormPolicy | None = None,
+    *,
+    override: str | None = None,
+    pretrained: bool = False,
+    local_world_size: int | None = None,
+    device: str = "cpu",
+    backend: str | None = None,
+    channels: Iterable[int] = (),
+    spatial: int | None = None,
+) -> NormChoice:
+    """The norm for ``part`` of a run with ``world_size`` processes of
+    ``per_device_batch`` samples each.
+
+    ``override``: the part's pinned kind (``norm.override.<part>``); ``pretrained``: the
+    backbone loads pretrained BN weights; ``local_world_size``: processes per node (sync
+    groups stay inside a node when they can); ``device``/``backend`` decide ``impl``;
+    ``channels`` (the part's layer widths, when known) let GN group counts be checked;
+    ``spatial`` (H x W of the part's smallest normalized feature map, when known) counts
+    the values behind each statistic below min_batch.  ``explain()`` words the result."""
+    p = policy or NormPolicy()
+    _check_inputs(world_size, per_device_batch, part, spatial, override)
+    channels = tuple(channels)
+    pick = _batch_rule(world_size, per_device_batch, p, spatial)
+    kind, rule = _part_rule(part, pick, p, override, pretrained)
     # WS goes with GroupNorm (Qiao et al. 2019): on the head's convs per head_ws, and on
-    # a backbone's or neck's convs whenever that part gets GN (gn_ws).
-    ws = p.head_ws if part == "head" else (kind == "gn" and p.gn_ws)
+    # a backbone's or neck's convs whenever that part gets GN (gn_ws); an override to GN
+    # of a backbone or neck follows gn_ws too.
+    ws = kind == "gn" and (p.head_ws if part == "head" else p.gn_ws)
     _check_groups(kind, part, channels, p)
     impl = sync_impl(kind, world_size, device, backend)
     size = 1
-    if kind in SYNC_KINDS and world_size > 1:
-        size, why = sync_group_size(world_size, per_device_batch, p)
-        if size == 1 and overridden is None:  # each rank's own batch is enough
-            kind, impl = "bn", "plain"
-            reason = (
-                f"per_device_batch {per_device_batch} >= min_batch {p.min_batch}: local BN "
-                f"on each of {world_size} ranks, no synchronization (a group of 1)"
-            )
-        elif size < world_size or p.sync_group != "auto":
-            reason = f"{reason.replace(' over all ranks', '')}; sync in {why}"
-    return NormChoice(part, kind, ws, impl, reason, size)
+    if is_sync_kind(kind) and world_size > 1:
+        size, _ = sync_group_size(world_size, per_device_batch, p, local_world_size)
+        if size == 1 and override is None:  # each rank's own batch is enough
+            kind, impl, rule = "bn", "plain", "local_group"
+    return NormChoice(
+        part,
+        kind,
+        ws,
+        impl,
+        rule,
+        size,
+        world_size,
+        per_device_batch,
+        pick.samples,
+        spatial,
+        pick.values,
+        pick.kind,
+        channels,
+        freeze_ignored=part == "backbone" and p.freeze_bn and not pretrained,
+        local_world_size=local_world_size,
+    )

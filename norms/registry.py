@@ -4,10 +4,12 @@ Every constructor takes ``num_features`` first and keywords after, like
 ``nn.BatchNorm2d``, so ``build_norm(kind, C, **kw)`` can build any of them.  Kinds are the
 names used in configs and by the policy: bn, brn, syncbn, syncbrn, gn, frozenbn, none.
 
-The registry is the one place that knows which kinds are *BatchNorm-family* (they keep
-running statistics under BatchNorm's state_dict keys, so checkpoints move between them)
-and which have one class per input rank (``nn.BatchNorm1d/2d/3d``); conversion and the
-trainer ask it instead of keeping their own lists.
+The registry is the one place that knows what each kind is: *BatchNorm-family* (it keeps
+running statistics under BatchNorm's state_dict keys, so checkpoints move between them),
+frozen, synchronized across ranks (and which kind does the same on one process),
+Batch Renorm (it takes the ``norm.brn`` settings), and which classes serve each input
+rank (``nn.BatchNorm1d/2d/3d``).  The policy, conversion, the trainer and the benches ask
+it instead of keeping their own lists.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from norms.group_norm import group_norm
 from norms.sync import SyncBatchNorm, SyncBatchRenorm
 
 __all__ = [
+    "KindFacts",
+    "kind_facts",
+    "is_sync_kind",
+    "is_renorm_kind",
+    "local_kind",
     "register_norm",
     "unregister_norm",
     "build_norm",
@@ -34,10 +41,24 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class KindFacts:
+    """What a kind is, as the policy and the trainer need to know it."""
+
+    batch_norm: bool  # BatchNorm's buffers and state_dict keys
+    frozen: bool  # BatchNorm-family with fixed statistics (FrozenBatchNorm2d)
+    sync: bool  # reduces its statistics over a process group
+    renorm: bool  # Batch Renorm: takes rmax/dmax/momentum and the clip-limit ramp
+    local: str | None  # the kind that does the same on one process (syncbn -> bn)
+
+    @property
+    def learns_running_stats(self) -> bool:
+        return self.batch_norm and not self.frozen
+
+
+@dataclass(frozen=True)
 class _Spec:
     ctor: Callable[..., nn.Module]
-    batch_norm: bool
-    frozen: bool  # BatchNorm-family with fixed statistics (FrozenBatchNorm2d)
+    facts: KindFacts
     # Input rank (1, 2, 3 for 1d/2d/3d) -> constructor, for kinds with one class per
     # rank; empty for rank-agnostic kinds (sync layers, gn, none).
     by_rank: dict[int, Callable[..., nn.Module]] = field(default_factory=dict)
@@ -52,13 +73,18 @@ def register_norm(
     override: bool = False,
     batch_norm: bool = False,
     frozen: bool = False,
+    sync: bool = False,
+    renorm: bool = False,
+    local: str | None = None,
     by_rank: dict[int, Callable[..., nn.Module]] | None = None,
 ):
     """Decorator: ``@register_norm("mynorm")`` on a constructor ``f(num_features, **kw)``.
 
     ``batch_norm=True`` declares a BatchNorm-family kind (BatchNorm's buffers and keys),
-    ``frozen=True`` one whose statistics never update; ``by_rank`` maps input rank to
-    the class that conversion uses for that rank.
+    ``frozen=True`` one whose statistics never update, ``sync=True`` one that takes a
+    ``process_group`` and reduces over it (``local``: its one-process counterpart),
+    ``renorm=True`` a Batch Renorm kind; ``by_rank`` maps input rank to the class that
+    conversion uses for that rank.
     """
 
     def deco(ctor: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -69,7 +95,8 @@ def register_norm(
                 f"norm kind {name!r} is already registered "
                 f"(to {_NORMS[name].ctor!r}); pass override=True to replace it"
             )
-        _NORMS[name] = _Spec(ctor, batch_norm, frozen, dict(by_rank or {}))
+        facts = KindFacts(batch_norm, frozen, sync, renorm, local)
+        _NORMS[name] = _Spec(ctor, facts, dict(by_rank or {}))
         return ctor
 
     return deco
@@ -97,16 +124,34 @@ def get_norm(kind: str) -> Callable[..., nn.Module]:
     return _spec(kind).ctor
 
 
+def kind_facts(kind: str) -> KindFacts:
+    return _spec(kind).facts
+
+
 def is_batch_norm_kind(kind: str) -> bool:
     """True for the BatchNorm family (bn, brn, syncbn, syncbrn, frozenbn)."""
-    return _spec(kind).batch_norm
+    return _spec(kind).facts.batch_norm
 
 
 def learns_running_stats(kind: str) -> bool:
     """True for the kinds whose layers update running statistics (bn, brn, syncbn,
     syncbrn): what precise BN recalibrates."""
-    spec = _spec(kind)
-    return spec.batch_norm and not spec.frozen
+    return _spec(kind).facts.learns_running_stats
+
+
+def is_sync_kind(kind: str) -> bool:
+    """True for the kinds that reduce statistics over ranks (syncbn, syncbrn)."""
+    return _spec(kind).facts.sync
+
+
+def is_renorm_kind(kind: str) -> bool:
+    """True for Batch Renorm, local or synchronized (brn, syncbrn)."""
+    return _spec(kind).facts.renorm
+
+
+def local_kind(kind: str) -> str:
+    """The kind one process runs for ``kind`` (syncbn -> bn; others are their own)."""
+    return _spec(kind).facts.local or kind
 
 
 def norm_for_rank(kind: str, rank: int) -> Callable[..., nn.Module]:
@@ -145,10 +190,13 @@ register_norm(
     by_rank={1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
 )(nn.BatchNorm2d)
 register_norm(
-    "brn", batch_norm=True, by_rank={1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
+    "brn",
+    batch_norm=True,
+    renorm=True,
+    by_rank={1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
 )(BatchRenorm2d)
-register_norm("syncbn", batch_norm=True)(SyncBatchNorm)
-register_norm("syncbrn", batch_norm=True)(SyncBatchRenorm)
+register_norm("syncbn", batch_norm=True, sync=True, local="bn")(SyncBatchNorm)
+register_norm("syncbrn", batch_norm=True, sync=True, renorm=True, local="brn")(SyncBatchRenorm)
 register_norm("frozenbn", batch_norm=True, frozen=True, by_rank={2: _frozen_bn})(_frozen_bn)
 register_norm("gn")(group_norm)
 register_norm("none")(_identity)

@@ -30,13 +30,7 @@ def _policy(args: argparse.Namespace) -> int:
     import torch
 
     from norms import resolve_device
-    from trainer.norm_plan import (
-        format_table,
-        graph_plan,
-        plan_norms,
-        policy_record,
-        precise_bn_plan,
-    )
+    from trainer.plan import plan_run
 
     cfg = load_config(args.config, args.overrides)
     if args.device:
@@ -46,10 +40,9 @@ def _policy(args: argparse.Namespace) -> int:
     )
     world = args.world_size
     local = args.nproc_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or world
-    plan = plan_norms(cfg, world, device, backend, local)
-    graphs, precise = graph_plan(cfg, world, device), precise_bn_plan(cfg, plan)
+    plan = plan_run(cfg, world, device, backend, local)
     if args.json:  # exactly what a run with this world size writes as policy.json
-        print(json.dumps(policy_record(cfg, world, plan, graphs, precise), indent=2))
+        print(json.dumps(plan.record(), indent=2))
         return 0
     accum = cfg.train.grad_accum
     print(
@@ -58,7 +51,7 @@ def _policy(args: argparse.Namespace) -> int:
         + (f", grad_accum {accum} (does not enlarge a norm's batch)" if accum > 1 else "")
         + f", {device}/{backend}\n"
     )
-    print(format_table(plan, graphs, precise))
+    print(plan.table())
     return 0
 
 
@@ -72,13 +65,13 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     new_folder = not run_dir.exists()
     try:
-        _check_before_workers(cfg)
+        plan = _check_before_workers(cfg)
         env = init_distributed(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s)
     except BaseException:
         _remove_if_empty(run_dir, new_folder)
         raise
     try:
-        train(cfg, env)
+        train(cfg, env, plan=plan)
     except KeyboardInterrupt:
         # A second Ctrl-C (during a save, or anywhere): stop now, without a traceback.
         newest = next(iter(list_checkpoints(run_dir / "checkpoints")), None)
@@ -117,19 +110,20 @@ def _remove_if_empty(run_dir: Path, new_folder: bool) -> None:
     run_dir.rmdir()
 
 
-def _check_before_workers(cfg) -> None:
+def _check_before_workers(cfg):
+    """The run plan (it raises if the run is impossible) and a writable run folder,
+    before any process group forms; ``train()`` runs on this plan."""
     import torch
 
     from norms import resolve_device
-    from trainer.norm_plan import graph_plan, plan_norms
+    from trainer.plan import plan_run
 
     device, backend = resolve_device(
         cfg.run.device, cfg.dist.backend, cuda_available=torch.cuda.is_available()
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    graph_plan(cfg, world, device)  # these raise if the run is impossible
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or world
-    plan_norms(cfg, world, device, backend, local)
+    plan = plan_run(cfg, world, device, backend, local)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     try:  # the run folder must be writable before anything is built or started
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +142,7 @@ def _check_before_workers(cfg) -> None:
             f"the learning rate never reaches train.lr",
             file=sys.stderr,
         )
+    return plan
 
 
 def _positive_int(text: str) -> int:

@@ -18,6 +18,7 @@ def cmd_eval(args) -> int:
     from trainer.distributed import init_distributed, teardown
     from trainer.evaluate import evaluate
     from trainer.inference import load_run
+    from trainer.plan import eval_batch
     from trainer.training import load_datasets
 
     run_dir = Path(args.run)
@@ -36,7 +37,7 @@ def cmd_eval(args) -> int:
             val_ds,
             env,
             task=cfg.model.task,
-            batch=max(8, cfg.train.per_device_batch),
+            batch=eval_batch(cfg.train.per_device_batch),
             workers=cfg.data.workers(env.local_world_size),
         )
     finally:

@@ -22,6 +22,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from norms.policy import NormPolicy
 from trainer.archs import CLASSIFICATION_ARCHS, DETECTION_ARCHS, task_of
 
 __all__ = ["Config", "ConfigError", "load_config", "resolve_threads", "to_yaml", "to_dict"]
@@ -228,46 +229,6 @@ class WandbConfig:
 
 
 @dataclass
-class NormPolicyConfig:
-    # BN/SyncBN from this many samples per statistic (per device, or combined over the
-    # ranks of a sync group).  8, and min_values 8, from the two studies in bench/results
-    # (norms/policy.py says how).
-    min_batch: int = 8
-    local_bn_batch: int | None = None  # keep local BN at/above this per-device batch
-    head_kind: str = "gn"  # gn | same
-    head_ws: bool = True
-    # Below min_batch: auto (Batch Renorm -- synchronized on several ranks -- while the
-    # batch x H x W values behind each statistic at the part's smallest normalized map,
-    # from data.image_size, reach min_values; else GroupNorm) | gn (GroupNorm; WS on the
-    # part's convs when gn_ws) | brn (Batch Renorm).
-    small_batch: str = "auto"
-    min_values: int = 8
-    gn_ws: bool = True
-    freeze_bn: bool = False  # frozenbn for a backbone loaded from model.backbone_weights
-    gn_groups: int | None = None  # null: choose_groups(C)
-    # Ranks per SyncBN/SyncBRN group: auto (the fewest consecutive ranks whose combined
-    # batch reaches min_batch, inside a node when one can) | world | an int dividing it
-    sync_group: Any = "auto"
-
-    def __post_init__(self) -> None:
-        if self.sync_group not in ("auto", "world") and not (
-            isinstance(self.sync_group, int)
-            and not isinstance(self.sync_group, bool)
-            and self.sync_group >= 1
-        ):
-            raise ConfigError(
-                f"norm.policy.sync_group must be auto, world or an integer >= 1, "
-                f"got {self.sync_group!r}"
-            )
-        _at_least("norm.policy.min_batch", self.min_batch, 1)
-        _at_least("norm.policy.local_bn_batch", self.local_bn_batch, 1, allow_none=True)
-        _one_of("norm.policy.head_kind", self.head_kind, ("gn", "same"))
-        _one_of("norm.policy.small_batch", self.small_batch, ("auto", "gn", "brn"))
-        _at_least("norm.policy.min_values", self.min_values, 1)
-        _at_least("norm.policy.gn_groups", self.gn_groups, 1, allow_none=True)
-
-
-@dataclass
 class NormOverrideConfig:
     backbone: str | None = None  # null: let the policy decide
     neck: str | None = None
@@ -355,7 +316,7 @@ class PreciseBNConfig:
 
 @dataclass
 class NormConfig:
-    policy: NormPolicyConfig = field(default_factory=NormPolicyConfig)
+    policy: NormPolicy = field(default_factory=NormPolicy)  # norms/policy.py documents it
     precise_bn: PreciseBNConfig = field(default_factory=PreciseBNConfig)
     override: NormOverrideConfig = field(default_factory=NormOverrideConfig)
     brn: BatchRenormConfig = field(default_factory=BatchRenormConfig)
@@ -480,6 +441,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if isinstance(cause, ConfigError):
             raise cause from None
         raise _wrap(e, "config") from None
+    except ValueError as e:  # the norm policy's own checks, naming norm.policy.KEY
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg: Config) -> dict:

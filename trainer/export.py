@@ -27,6 +27,7 @@ from norms import (
     is_batch_norm_kind,
     standardize_weight,
 )
+from norms.per_level import drop_reset_hooks
 from trainer.inference import Run
 
 __all__ = ["plain_model", "export_run"]
@@ -37,6 +38,7 @@ def plain_model(model: nn.Module) -> nn.Module:
     """``model`` (modified in place and returned) with only torch modules as norms."""
     if any(is_batch_norm(m) for m in model.modules()):
         model = convert_norms(model, "bn")
+    drop_reset_hooks(model)
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if isinstance(child, WSConv2d):

@@ -65,8 +65,7 @@ def load_run(
             f"model.arch={cfg.model.arch!r}"
         )
     plan = {
-        part: NormChoice(part, p["kind"], p["ws"], "plain", p["reason"])
-        for part, p in ckpt["policy"]["parts"].items()
+        part: NormChoice(part, p["kind"], p["ws"]) for part, p in ckpt["policy"]["parts"].items()
     }
     model = model_from_config(cfg, plan)  # the checkpoint holds every weight
     try:

@@ -38,13 +38,7 @@ from trainer.data.stream import BatchStream, LoaderFactory
 from trainer.distributed import DistEnv, any_flag, average_local_bn_stats
 from trainer.evaluate import evaluate
 from trainer.logging import Progress, RunLogger, peak_memory_mb, print_summary
-from trainer.norm_plan import (
-    format_table,
-    graph_plan,
-    plan_norms,
-    policy_record,
-    precise_bn_plan,
-)
+from trainer.plan import RunPlan, plan_run
 from trainer.recalibrate import Recalibrator
 from trainer.training import (
     Training,
@@ -58,11 +52,14 @@ from trainer.training import (
 __all__ = ["train", "train_step", "CheckpointError"]
 
 
-def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> dict:
+def train(
+    cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None, plan: RunPlan | None = None
+) -> dict:
     """Train to ``train.max_steps`` (or until SIGTERM/SIGINT); returns the final metrics.
 
     ``loader``: ``(*, epoch, skip_batches) -> batches``; default: the configured
     DataLoader over this rank's shard (benchmarks inject in-memory batches here).
+    ``plan``: the CLI's pre-check plan, when it was made for this process group.
     """
     seed_everything(cfg.run.seed + env.rank, cfg.run.deterministic)
     threads, why = resolve_threads(
@@ -73,14 +70,15 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         print(f"threads: {threads} per process ({why})", flush=True)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     train_ds, val_ds = load_datasets(cfg, env)
-    # The policy is re-derived on every start: a restart may have another world size.
-    plan = plan_norms(cfg, env.world_size, env.device.type, env.backend, env.local_world_size)
-    graphs, precise = graph_plan(cfg, env.world_size, env.device.type), precise_bn_plan(cfg, plan)
-    record = policy_record(cfg, env.world_size, plan, graphs, precise)
-    if layout := group_layout(plan, env):
+    # The plan is made on every start: a restart may have another world size.
+    where = (env.world_size, env.local_world_size, env.device.type, env.backend)
+    if plan is None or (plan.world_size, plan.local_world_size, plan.device, plan.backend) != where:
+        plan = plan_run(cfg, env.world_size, env.device.type, env.backend, env.local_world_size)
+    record = plan.record()
+    if layout := group_layout(plan.parts, env):
         record["sync_groups"] = layout
     if env.is_main:
-        print(format_table(plan, graphs, precise), flush=True)
+        print(plan.table(), flush=True)
     checkpoints = Checkpointer(
         run_dir / "checkpoints",
         env,
@@ -88,7 +86,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         keep=cfg.checkpoint.keep,
         meta={"config": to_dict(cfg), "policy": record, "dataset": describe(train_ds, cfg)},
     )
-    found = checkpoints.latest(cfg.model.arch, plan, cfg.train.optimizer)
+    found = checkpoints.latest(cfg.model.arch, plan.parts, cfg.train.optimizer)
     if found is not None and found[0]["step"] >= cfg.train.max_steps:
         # Nothing to train: re-running the command must not append an eval row, open a
         # wandb run or re-evaluate with training's statistics instead of the saved ones.
@@ -104,7 +102,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
 
     t = build_training(cfg, env, plan)
     checkpoints.check_space(t.model, cfg.train.optimizer)
-    if graphs.enabled:
+    if plan.graphs.enabled:
         capture_static_part(t, train_ds)
     stream = BatchStream(loader or loader_factory(cfg, env, train_ds))
     state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, stream)
@@ -112,7 +110,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         reseed = lambda step: seed_everything(  # noqa: E731
             cfg.run.seed + env.rank + step, cfg.run.deterministic
         )
-        checkpoints.restore(state, found, reseed, batch=cfg.train.per_device_batch)
+        checkpoints.restore(state, found, reseed, batch=plan.batch.per_device)
 
     # A resume that fails before its first checkpoint leaves the folder describing the
     # checkpoints it holds: config.yaml, policy.json and metrics.jsonl are put back.
@@ -126,7 +124,7 @@ def train(cfg: Config, env: DistEnv, *, loader: LoaderFactory | None = None) -> 
         state.wandb_id = logger.run_id
         if found is not None:
             logger.log({"step": state.step, "event": "resume", "world_size": env.world_size})
-        final = _Loop(cfg, env, t, state, checkpoints, logger, val_ds, precise).run()
+        final = _Loop(cfg, env, t, state, checkpoints, logger, val_ds, plan).run()
     except BaseException:
         if undo is not None and checkpoints.last_saved == found[0]["step"]:
             if logger is not None:
@@ -170,10 +168,11 @@ class _Loop:
     """The step loop and its points: log, eval and checkpoint when due; then the final
     eval, or the preemption save when a stop was requested."""
 
-    def __init__(self, cfg, env, t: Training, state, checkpoints, logger, val_ds, precise):
+    def __init__(self, cfg, env, t: Training, state, checkpoints, logger, val_ds, plan):
         self.cfg, self.env, self.t, self.state = cfg, env, t, state
         self.checkpoints, self.logger, self.val_ds = checkpoints, logger, val_ds
-        self.recalibrate = Recalibrator(precise, t, state.data, logger)
+        self.eval_batch = plan.batch.eval
+        self.recalibrate = Recalibrator(plan.precise, t, state.data, logger)
         self.meter = _LossMeter(state.step, cfg.train.clip_grad_norm)
 
     def run(self) -> dict:
@@ -259,7 +258,7 @@ class _Loop:
             self.val_ds,
             self.env,
             task=self.t.task,
-            batch=max(8, cfg.train.per_device_batch),
+            batch=self.eval_batch,
             workers=cfg.data.workers(self.env.local_world_size),
         )
         if self.t.task == "detection" and self.logger.wandb_active:
@@ -429,6 +428,6 @@ def _open_logger(cfg: Config, env: DistEnv, run_dir: Path, run_id, plan) -> RunL
     logger.log_table(
         "policy",
         ["part", "kind", "ws", "impl", "reason"],
-        [[c.part, c.kind, c.ws, c.impl, c.reason] for c in plan.values()],
+        [[c.part, c.kind, c.ws, c.impl, plan.reason(part)] for part, c in plan.parts.items()],
     )
     return logger

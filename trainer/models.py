@@ -33,7 +33,16 @@ from torchvision.models.detection.fcos import (
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from norms import NormChoice, build_norm, convert_convs_to_ws, convert_norms
+from norms import (
+    NormChoice,
+    build_norm,
+    convert_convs_to_ws,
+    convert_norms,
+    is_renorm_kind,
+    is_sync_kind,
+    learns_running_stats,
+)
+from norms.per_level import PerLevelNorm, per_level_norms
 from trainer.archs import BACKBONES, backbone_of
 
 __all__ = ["build_model", "norm_kwargs", "ModelError"]
@@ -46,8 +55,8 @@ class ModelError(ValueError):
 def norm_kwargs(kind: str, brn: dict, group=None) -> dict:
     """Constructor keywords for ``kind``: Batch Renorm's settings, and the process group
     a synchronized kind reduces over (None: every rank)."""
-    kw = dict(brn) if kind in ("brn", "syncbrn") else {}
-    if group is not None and kind in ("syncbn", "syncbrn"):
+    kw = dict(brn) if is_renorm_kind(kind) else {}
+    if group is not None and is_sync_kind(kind):
         kw["process_group"] = group
     return kw
 
@@ -118,7 +127,13 @@ def build_model(
     head_choice = plan["head"]
     # gn: choose_groups(C) instead of torchvision's fixed 32, so any width works.
     head_norm = partial(build_norm, head_choice.kind, **kw["head"])
+    if learns_running_stats(head_choice.kind):
+        # The head's convs are shared across the FPN levels: one BN-family layer per level
+        # (norms/per_level.py says why).
+        shared = head_norm
+        head_norm = lambda c: PerLevelNorm(lambda: shared(c), FPN_LEVELS)  # noqa: E731
     model = _detector(arch, backbone, num_classes + 1, fpn_channels, head_norm, image_size)
+    per_level_norms(model.head)
     if head_choice.ws:
         for tower in (model.head.classification_head.conv, model.head.regression_head.conv):
             convert_convs_to_ws(tower)
@@ -147,18 +162,22 @@ def _backbone_with_fpn(arch, kinds, kw, fpn_channels, weights) -> BackboneWithFP
     )
 
 
+# P3-P7: the FPN's three levels from layer2-4 plus LastLevelP6P7's two.
+FPN_LEVELS = 5
+
+
 def _detector(arch, backbone, num_classes, channels, head_norm, image_size) -> nn.Module:
     """FCOS or RetinaNet around ``backbone``; ``num_classes`` includes the background."""
     # Small images: anchors/sizes scaled to the input instead of COCO's 800-pixel setting.
-    sizes = tuple((max(4, image_size // 12) * 2**i,) for i in range(5))
+    sizes = tuple((max(4, image_size // 12) * 2**i,) for i in range(FPN_LEVELS))
     common = dict(min_size=image_size, max_size=image_size, score_thresh=0.05)
     if arch.startswith("fcos"):
-        anchors = AnchorGenerator(sizes, ((1.0,),) * 5)
+        anchors = AnchorGenerator(sizes, ((1.0,),) * FPN_LEVELS)
         head = _FCOSHead(channels, num_classes, head_norm)
         return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
     anchors = AnchorGenerator(
         tuple((s[0], int(s[0] * 1.26), int(s[0] * 1.59)) for s in sizes),
-        ((0.5, 1.0, 2.0),) * 5,
+        ((0.5, 1.0, 2.0),) * FPN_LEVELS,
     )
     head = RetinaNetHead(
         channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=head_norm

@@ -10,12 +10,10 @@ from torch import nn
 __all__ = ["scaled_lr", "build_optimizer", "build_scheduler"]
 
 
-def scaled_lr(
-    lr: float, ref_batch: int, per_device_batch: int, world_size: int, grad_accum: int
-) -> float:
+def scaled_lr(lr: float, ref_batch: int, global_batch: int) -> float:
     """Linear scaling rule (Goyal et al. 2017): lr is given for ``ref_batch`` samples per
-    optimizer step; the run's step sees per_device_batch x world_size x grad_accum."""
-    return lr * per_device_batch * world_size * grad_accum / ref_batch
+    optimizer step; the run's step sees ``global_batch`` (per_device x world x accum)."""
+    return lr * global_batch / ref_batch
 
 
 def build_optimizer(

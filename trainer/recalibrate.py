@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from norms import precise_bn, running_stat_layers
-from trainer.norm_plan import PreciseBNPlan
+from trainer.plan import PreciseBNPlan
 
 __all__ = ["Recalibrator"]
 

@@ -21,6 +21,7 @@ from trainer.data.stream import LoaderFactory
 from trainer.distributed import DistEnv, any_flag
 from trainer.models import build_model
 from trainer.optim import build_optimizer, build_scheduler, scaled_lr
+from trainer.plan import RunPlan
 
 __all__ = ["Training", "build_training", "load_datasets", "loader_factory", "model_from_config"]
 
@@ -162,8 +163,9 @@ def model_from_config(cfg: Config, plan: dict[str, NormChoice], groups=None, wei
     )
 
 
-def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Training:
-    model = model_from_config(cfg, plan, sync_groups(plan, env), cfg.model.backbone_weights)
+def build_training(cfg: Config, env: DistEnv, plan: RunPlan) -> Training:
+    parts, batch = plan.parts, plan.batch
+    model = model_from_config(cfg, parts, sync_groups(parts, env), cfg.model.backbone_weights)
     if env.device.type == "cuda":
         # cuDNN picks the fastest kernels per shape, unless the run must be reproducible.
         torch.backends.cudnn.benchmark = not cfg.run.deterministic
@@ -188,7 +190,7 @@ def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Tr
                 broadcast_buffers=False,
             )
     t = cfg.train
-    lr = scaled_lr(t.lr, t.ref_batch, t.per_device_batch, env.world_size, t.grad_accum)
+    lr = scaled_lr(t.lr, t.ref_batch, batch.global_)
     opt = build_optimizer(model, t.optimizer, lr, t.momentum, t.weight_decay)
     return Training(
         model=model,
@@ -200,8 +202,8 @@ def build_training(cfg: Config, env: DistEnv, plan: dict[str, NormChoice]) -> Tr
         task=cfg.model.task,
         device=env.device,
         grad_accum=t.grad_accum,
-        per_device_batch=t.per_device_batch,
-        global_batch=t.per_device_batch * env.world_size * t.grad_accum,
+        per_device_batch=batch.per_device,
+        global_batch=batch.global_,
         clip_grad_norm=t.clip_grad_norm,
     )
 

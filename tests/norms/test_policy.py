@@ -1,6 +1,6 @@
 import pytest
 
-from norms import PARTS, NormPolicy, select_norm
+from norms import PARTS, NormPolicy, explain, select_norm
 
 
 @pytest.mark.parametrize(
@@ -51,11 +51,12 @@ def test_values_per_statistic_decide_below_min_batch(world, batch, spatial, expe
     assert (choice.kind, choice.ws) == (expected, expected == "gn")
     if expected != "syncbn" and expected != "bn":
         values = world * batch * spatial
-        assert f"{world * batch} x {spatial} = {values} values per statistic" in choice.reason
-        assert ("<" if expected == "gn" else ">=") + " min_values 8" in choice.reason
+        assert f"{world * batch} x {spatial} = {values} values per statistic" in explain(choice)
+        assert ("<" if expected == "gn" else ">=") + " min_values 8" in explain(choice)
+        assert choice.rule == "values" and choice.values == values
     # the reason names the kind it picked, the synchronized one on several ranks
     name = {"brn": ": Batch Renorm", "syncbrn": ": synchronized Batch Renorm"}.get(expected)
-    assert name is None or choice.reason.endswith(name)
+    assert name is None or explain(choice).endswith(name)
 
 
 def test_min_values_knob_and_bad_spatial():
@@ -73,42 +74,43 @@ def test_min_values_knob_and_bad_spatial():
 )
 def test_small_batch_brn_restores_batch_renorm(world, batch, expected):
     for spatial in (None, 1):  # whatever the values per statistic
-        choice = select_norm(world, batch, policy=NormPolicy(small_batch="brn"), spatial=spatial)
+        p = NormPolicy(small_batch="brn")
+        choice = select_norm(world, batch, policy=p, spatial=spatial)
         assert (choice.kind, choice.ws) == (expected, False)
         if expected != "bn":
             brn = "synchronized Batch Renorm" if world > 1 else "Batch Renorm"
-            assert f"; {brn} (norm.policy.small_batch=brn)" in choice.reason
+            assert f"; {brn} (norm.policy.small_batch=brn)" in explain(choice, p)
 
 
 def test_small_batch_gn_says_why_and_gn_ws_knob():
     choice = select_norm(1, 2)
-    assert "GroupNorm + Weight Standardization" in choice.reason
-    assert "values per statistic unknown" in choice.reason
-    forced = select_norm(1, 2, spatial=64, policy=NormPolicy(small_batch="gn"))
-    assert forced.kind == "gn" and "norm.policy.small_batch=gn" in forced.reason
-    plain = select_norm(1, 2, "neck", NormPolicy(gn_ws=False))
+    assert "GroupNorm + Weight Standardization" in explain(choice)
+    assert "values per statistic unknown" in explain(choice)
+    forced_p = NormPolicy(small_batch="gn")
+    forced = select_norm(1, 2, spatial=64, policy=forced_p)
+    assert forced.kind == "gn" and "norm.policy.small_batch=gn" in explain(forced, forced_p)
+    plain_p = NormPolicy(gn_ws=False)
+    plain = select_norm(1, 2, "neck", plain_p)
     assert (plain.kind, plain.ws) == ("gn", False)
-    assert "Weight Standardization" not in plain.reason
+    assert "Weight Standardization" not in explain(plain, plain_p)
     # gn_ws is about backbone/neck; the head keeps its own head_ws
     assert select_norm(1, 2, "head", NormPolicy(gn_ws=False)).ws is True
     # an override to gn gets WS too; to a BN kind, never
-    assert select_norm(1, 2, policy=NormPolicy(override={"backbone": "gn"})).ws is True
-    assert select_norm(1, 2, policy=NormPolicy(override={"backbone": "brn"})).ws is False
+    assert select_norm(1, 2, override="gn").ws is True
+    assert select_norm(1, 2, override="brn").ws is False
 
 
 def test_pretrained_backbone_below_min_batch_keeps_its_bn_statistics():
-    p = NormPolicy(pretrained_backbone=True)
-    choice = select_norm(1, 2, "backbone", p)
-    assert (choice.kind, choice.ws) == ("frozenbn", False)
-    assert "pretrained BN weights that GroupNorm cannot reuse" in choice.reason
-    assert select_norm(1, 2, "neck", p).kind == "gn"  # the FPN has no pretrained weights
-    assert select_norm(1, 32, "backbone", p).kind == "bn"
+    choice = select_norm(1, 2, "backbone", pretrained=True)
+    assert (choice.kind, choice.ws, choice.rule) == ("frozenbn", False, "pretrained")
+    assert "pretrained BN weights that GroupNorm cannot reuse" in explain(choice)
+    assert explain(choice).startswith("world_size 1, per_device_batch 2 < min_batch 8, and")
+    assert select_norm(1, 2, "neck", pretrained=True).kind == "gn"  # the FPN has no weights
+    assert select_norm(1, 32, "backbone", pretrained=True).kind == "bn"
     # Batch Renorm (enough values per statistic) reuses BN weights: no freezing needed.
-    assert select_norm(1, 2, "backbone", p, spatial=16).kind == "brn"
-    assert (
-        select_norm(1, 2, "backbone", NormPolicy(pretrained_backbone=True, small_batch="brn")).kind
-        == "brn"
-    )
+    assert select_norm(1, 2, "backbone", pretrained=True, spatial=16).kind == "brn"
+    brn = NormPolicy(small_batch="brn")
+    assert select_norm(1, 2, "backbone", brn, pretrained=True).kind == "brn"
 
 
 @pytest.mark.parametrize("world,batch", [(1, 1), (1, 64), (8, 2), (2, 4)])
@@ -118,12 +120,12 @@ def test_default_head_is_gn_with_ws(world, batch):
 
 
 def test_reasons_carry_the_numbers():
-    assert select_norm(4, 2).reason == (
+    assert explain(select_norm(4, 2)) == (
         "world_size 4 x per_device_batch 2 = 8 >= min_batch 8: SyncBN over all ranks"
     )
-    assert "per_device_batch 4 < min_batch 8" in select_norm(1, 4).reason
-    assert "2 x per_device_batch 3 = 6 < min_batch 8" in select_norm(2, 3).reason
-    assert "32 groups of 64 channels" in select_norm(1, 2, "head", channels=[64]).reason
+    assert "per_device_batch 4 < min_batch 8" in explain(select_norm(1, 4))
+    assert "2 x per_device_batch 3 = 6 < min_batch 8, even combined" in explain(select_norm(2, 3))
+    assert "32 groups of 64 channels" in explain(select_norm(1, 2, "head", channels=[64]))
 
 
 def test_min_batch_knob():
@@ -137,7 +139,7 @@ def test_min_batch_knob():
 def test_local_bn_batch_knob():
     p = NormPolicy(local_bn_batch=32)
     choice = select_norm(4, 32, policy=p)
-    assert choice.kind == "bn" and "local_bn_batch 32" in choice.reason
+    assert choice.kind == "bn" and "local_bn_batch 32" in explain(choice, p)
     # With sync_group=world (every rank in one group) the knob still matters:
     world = NormPolicy(local_bn_batch=32, sync_group="world")
     assert select_norm(4, 31, policy=world).kind == "syncbn"
@@ -152,27 +154,30 @@ def test_head_kind_same_and_head_ws():
     assert (select_norm(1, 2, "head", p).kind, select_norm(1, 2, "head", p).ws) == ("gn", False)
     assert select_norm(8, 4, "head", p).kind == "syncbn"
     assert select_norm(1, 2, "head", NormPolicy(head_ws=False)).ws is False
+    # WS goes with GroupNorm: a head that follows the batch rule to BN gets none, whatever
+    # head_ws says
+    same = select_norm(1, 16, "head", NormPolicy(head_kind="same"))
+    assert (same.kind, same.ws, same.rule) == ("bn", False, "bn")
+    assert select_norm(1, 2, "head", NormPolicy(head_kind="same")).ws is True  # GN: head_ws
 
 
 def test_frozenbn_for_pretrained_backbone_with_freezing():
-    p = NormPolicy(freeze_bn=True, pretrained_backbone=True)
-    assert select_norm(8, 2, "backbone", p).kind == "frozenbn"
-    assert select_norm(8, 2, "neck", p).kind == "syncbn"  # only the pretrained backbone
-    no_weights = select_norm(8, 2, "backbone", NormPolicy(freeze_bn=True))
-    assert no_weights.kind == "syncbn" and "freeze_bn ignored" in no_weights.reason
-    assert select_norm(8, 2, "backbone", NormPolicy(pretrained_backbone=True)).kind == "syncbn"
+    p = NormPolicy(freeze_bn=True)
+    assert select_norm(8, 2, "backbone", p, pretrained=True).kind == "frozenbn"
+    assert select_norm(8, 2, "neck", p, pretrained=True).kind == "syncbn"  # only the backbone
+    no_weights = select_norm(8, 2, "backbone", p)
+    assert no_weights.kind == "syncbn" and "freeze_bn ignored" in explain(no_weights, p)
+    assert select_norm(8, 2, "backbone", pretrained=True).kind == "syncbn"
 
 
 def test_override_wins_and_says_so():
-    p = NormPolicy(
-        override={"backbone": "gn", "head": "bn"}, freeze_bn=True, pretrained_backbone=True
-    )
-    b = select_norm(8, 2, "backbone", p)
-    assert b.kind == "gn" and b.reason.startswith("override norm.override.backbone=gn")
-    assert "policy would pick syncbn" in b.reason
-    h = select_norm(1, 2, "head", p)
-    assert h.kind == "bn" and h.ws and "norm.override.head=bn" in h.reason
-    assert select_norm(8, 2, "neck", p).kind == "syncbn"
+    p = NormPolicy(freeze_bn=True)
+    b = select_norm(8, 2, "backbone", p, override="gn", pretrained=True)
+    assert b.kind == "gn" and explain(b, p).startswith("override norm.override.backbone=gn")
+    assert "policy would pick syncbn" in explain(b, p) and b.picked == "syncbn"
+    h = select_norm(1, 2, "head", p, override="bn")
+    assert h.kind == "bn" and not h.ws and "norm.override.head=bn" in explain(h, p)
+    assert select_norm(8, 2, "neck", p, pretrained=True).kind == "syncbn"
 
 
 @pytest.mark.parametrize(
@@ -188,8 +193,7 @@ def test_override_wins_and_says_so():
     ],
 )
 def test_impl_from_device_and_backend(kind, world, device, backend, impl):
-    p = NormPolicy(override={"backbone": kind})
-    assert select_norm(world, 2, policy=p, device=device, backend=backend).impl == impl
+    assert select_norm(world, 2, override=kind, device=device, backend=backend).impl == impl
 
 
 def test_every_part_is_known():
@@ -204,10 +208,10 @@ def test_every_part_is_known():
         (lambda: select_norm(2, 0), r"per_device_batch=0"),
         (lambda: select_norm(2, 2, "tail"), r"part='tail'.*backbone, neck, head"),
         (
-            lambda: NormPolicy(override={"backbone": "layernorm"}),
+            lambda: select_norm(1, 2, override="layernorm"),
             r"norm.override.backbone='layernorm'.*valid kinds: bn",
         ),
-        (lambda: NormPolicy(override={"torso": "bn"}), r"unknown part 'torso'"),
+        (lambda: select_norm(1, 2, "torso", override="bn"), r"unknown part='torso'"),
         (lambda: NormPolicy(min_batch=0), r"norm.policy.min_batch.*0"),
         (lambda: NormPolicy(head_kind="bn"), r"norm.policy.head_kind.*'bn'"),
         (
@@ -222,8 +226,9 @@ def test_bad_input_names_field_and_value(call, match):
 
 
 def test_gn_groups_that_divide_pass():
-    choice = select_norm(1, 2, "head", NormPolicy(gn_groups=16), channels=[64, 256])
-    assert "16 groups of 64 channels, 16 groups of 256 channels" in choice.reason
+    p = NormPolicy(gn_groups=16)
+    choice = select_norm(1, 2, "head", p, channels=[64, 256])
+    assert "16 groups of 64 channels, 16 groups of 256 channels" in explain(choice, p)
 
 
 @pytest.mark.parametrize(
@@ -241,15 +246,15 @@ def test_gn_groups_that_divide_pass():
     ],
 )
 def test_auto_sync_group_sizes(world, per_node, batch, min_batch, kind, size):
-    p = NormPolicy(min_batch=min_batch, local_world_size=per_node)
-    c = select_norm(world, batch, policy=p)
+    p = NormPolicy(min_batch=min_batch)
+    c = select_norm(world, batch, policy=p, local_world_size=per_node)
     assert (c.kind, c.sync_group_size) == (kind, size)
     assert size * batch >= min_batch or kind == "gn"
 
 
 def test_sync_group_world_and_explicit_sizes():
-    world = NormPolicy(sync_group="world", local_world_size=8)
-    assert select_norm(256, 2, policy=world).sync_group_size == 256
+    world = NormPolicy(sync_group="world")
+    assert select_norm(256, 2, policy=world, local_world_size=8).sync_group_size == 256
     assert select_norm(12, 2, policy=NormPolicy(sync_group=4)).sync_group_size == 4
     message = "sync_group=5 does not divide world_size 12; valid sizes: 1, 2, 3, 4, 6, 12"
     with pytest.raises(ValueError, match=message):

@@ -7,6 +7,7 @@ from torch import nn
 
 import norms
 from norms import available_norms, build_norm, register_norm, unregister_norm
+from norms.policy import sync_impl
 
 KINDS = ["bn", "brn", "frozenbn", "gn", "none", "syncbn", "syncbrn"]
 
@@ -69,6 +70,27 @@ def test_registry_knows_the_batch_norm_family_and_rank_variants():
         norms.norm_for_rank("frozenbn", 1)
     with pytest.raises(ValueError, match="unknown norm kind 'nope'"):
         norms.is_batch_norm_kind("nope")
+
+
+def test_kind_facts_are_the_registry_s_and_the_policy_asks_it():
+    sync = {k for k in available_norms() if norms.is_sync_kind(k)}
+    renorm = {k for k in available_norms() if norms.is_renorm_kind(k)}
+    assert sync == {"syncbn", "syncbrn"} and renorm == {"brn", "syncbrn"}
+    assert [norms.local_kind(k) for k in ("syncbn", "syncbrn", "bn", "gn")] == [
+        "bn",
+        "brn",
+        "bn",
+        "gn",
+    ]
+    # A kind registered as synchronized is run through the portable path with no other
+    # list to edit.
+    register_norm("mysync", batch_norm=True, sync=True, local="bn")(norms.SyncBatchNorm)
+    try:
+        assert norms.kind_facts("mysync").learns_running_stats
+        assert sync_impl("mysync", 2, "cpu", "gloo") == "portable"
+        assert sync_impl("mysync", 1, "cpu", "gloo") == "plain"
+    finally:
+        unregister_norm("mysync")
 
 
 def test_import_norms_does_not_import_torchvision():

@@ -102,7 +102,7 @@ def test_world_size_change_starts_next_epoch_and_reseeds(tmp_path):
 
 
 def choice(kind):
-    return NormChoice("backbone", kind, False, "plain", "")
+    return NormChoice("backbone", kind, False)
 
 
 def test_resume_checks_name_what_differs(tmp_path):

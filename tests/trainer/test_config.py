@@ -137,7 +137,7 @@ def test_batch_renorm_schedule_in_steps_or_fractions_of_the_run():
 def test_batch_renorm_settings_reach_the_layers():
     from norms import BatchRenorm2d
     from trainer.distributed import DistEnv
-    from trainer.norm_plan import plan_norms
+    from trainer.plan import plan_run
     from trainer.training import build_training
 
     cfg = load_config(
@@ -150,7 +150,7 @@ def test_batch_renorm_settings_reach_the_layers():
         ],
     )
     env = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
-    t = build_training(cfg, env, plan_norms(cfg, 1, "cpu", "gloo"))
+    t = build_training(cfg, env, plan_run(cfg, 1, "cpu", "gloo"))
     layers = [m for m in t.model.modules() if isinstance(m, BatchRenorm2d)]
     assert layers and all(m.momentum == 0.05 for m in layers)
     assert all(m.hold_steps == round(0.5 * cfg.train.max_steps) for m in layers)

@@ -63,9 +63,9 @@ def test_policy_command_and_policy_json_say_what_was_chosen(tmp_path, data_root,
 
 def _detector():
     choice = {
-        "backbone": NormChoice("backbone", "brn", False, "plain", ""),
-        "neck": NormChoice("neck", "brn", False, "plain", ""),
-        "head": NormChoice("head", "gn", True, "plain", ""),
+        "backbone": NormChoice("backbone", "brn", False),
+        "neck": NormChoice("neck", "brn", False),
+        "head": NormChoice("head", "gn", True),
     }
     torch.manual_seed(0)
     return build_model(

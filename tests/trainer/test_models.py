@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -6,9 +8,12 @@ from norms import BatchRenorm2d, NormPolicy, SyncBatchNorm, WSConv2d, select_nor
 from trainer.models import build_model
 
 
-def plan(world, batch, **policy):
-    p = NormPolicy(**policy)
-    return {part: select_norm(world, batch, part, p) for part in ("backbone", "neck", "head")}
+def plan(world, batch, override=None, **policy):
+    p, override = NormPolicy(**policy), override or {}
+    return {
+        part: select_norm(world, batch, part, p, override=override.get(part))
+        for part in ("backbone", "neck", "head")
+    }
 
 
 def norms_in(module, cls):
@@ -71,7 +76,53 @@ def test_multi_gpu_plan_and_overrides():
     )
     assert len(norms_in(model.backbone.body, SyncBatchNorm)) == 20
     assert len(norms_in(model.backbone.fpn, SyncBatchNorm)) == 6
-    assert len(norms_in(model.head, nn.BatchNorm2d)) == 8 and not norms_in(model.head, WSConv2d)
+    # 8 conv positions, one BN per FPN level each (the convs are shared across levels)
+    assert len(norms_in(model.head, nn.BatchNorm2d)) == 40 and not norms_in(model.head, WSConv2d)
+
+
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+def test_a_bn_family_head_has_one_layer_per_level_counting_one_step_a_step(kind):
+    """The head's convs are shared across the 5 FPN levels: with one shared BN-family
+    layer, num_batches_tracked (Batch Renorm's ramp clock) would count 5 per step."""
+    from norms import BatchRenorm2d, PerLevelNorm
+
+    p = plan(1, 16, head_kind="same") if kind == "bn" else plan(1, 2, override={"head": kind})
+    assert p["head"].kind == kind and not p["head"].ws
+    model = build_model("fcos_resnet18_fpn", 3, p, image_size=64, fpn_channels=32)
+    levels = norms_in(model.head, PerLevelNorm)
+    assert len(levels) == 8 and all(len(m.levels) == 5 for m in levels)  # 2 towers x 4
+    cls = BatchRenorm2d if kind == "brn" else nn.BatchNorm2d
+    layers = norms_in(model.head, cls)
+    assert len(layers) == 40
+    model.train()
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0]]), "labels": torch.tensor([1])}] * 2
+    for step in (1, 2):
+        model(images, targets)
+        assert all(int(m.num_batches_tracked) == step for m in layers), step
+    first = levels[0].levels
+    # each level keeps its own statistics (P3 and P7 see different maps)
+    assert not torch.allclose(first[0].running_var, first[4].running_var)
+    model.eval()
+    model(images)
+    assert all(int(m.num_batches_tracked) == 2 for m in layers)
+    # a forward cut off half-way does not leave the levels out of step
+    levels[0].reset()
+    levels[0](torch.rand(2, 32, 4, 4))
+    model.train()
+    model(images, targets)
+    assert all(int(m.num_batches_tracked) == 3 for m in layers)
+    # exported (BN-family -> BN, TorchScript), each level keeps its own statistics
+    from trainer.export import plain_model
+
+    model.eval()
+    x = [torch.rand(3, 64, 64)]
+    want = model(x)[0]["scores"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(plain_model(model))
+    for _ in range(2):  # the level count wraps by itself without the reset hook
+        torch.testing.assert_close(scripted(x)[1][0]["scores"], want, rtol=1e-4, atol=1e-4)
 
 
 def test_classifier_and_local_weights(tmp_path):

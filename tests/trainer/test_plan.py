@@ -5,14 +5,14 @@ import pytest
 from tests.helpers import ROOT
 from trainer.cli import main
 from trainer.config import load_config
-from trainer.norm_plan import plan_norms, precise_bn_plan
+from trainer.plan import plan_run
 
 DET = ROOT / "configs/shapes_det.yaml"
 
 
 def decide(world=1, *overrides):
     cfg = load_config(DET, list(overrides))
-    return precise_bn_plan(cfg, plan_norms(cfg, world, "cpu", "gloo"))
+    return plan_run(cfg, world, "cpu", "gloo").precise
 
 
 @pytest.mark.parametrize(
@@ -69,10 +69,10 @@ def test_smallest_maps_are_what_the_norm_layers_see(config, size):
     from torch import nn
 
     from trainer.models import build_model
-    from trainer.norm_plan import smallest_maps
+    from trainer.plan import smallest_maps
 
     cfg = load_config(config, [f"data.image_size={size}"])
-    plan = plan_norms(cfg, 1, "cpu", "gloo")
+    plan = plan_run(cfg, 1, "cpu", "gloo").parts
     model = build_model(
         cfg.model.arch, 3, plan, image_size=size, fpn_channels=cfg.model.fpn_channels
     ).eval()
@@ -110,16 +110,43 @@ def test_groupnorm_with_one_value_per_group_is_refused_before_training():
     # 32 FPN channels at the default 96 px: the head's P7 is 1x1 and choose_groups(32) = 32.
     cfg = load_config(DET, ["model.fpn_channels=32"])
     with pytest.raises(ValueError, match=r"model.fpn_channels=32: the head's GroupNorm") as e:
-        plan_norms(cfg, 1, "cpu", "gloo")
+        plan_run(cfg, 1, "cpu", "gloo")
     assert "data.image_size=96" in str(e.value) and "gn_groups <= 16" in str(e.value)
     # 2 channels per group, or a 2x2 P7, are enough
-    plan_norms(
+    plan_run(
         load_config(DET, ["model.fpn_channels=32", "norm.policy.gn_groups=16"]), 1, "cpu", "gloo"
     )
-    plan_norms(load_config(DET, ["model.fpn_channels=32", "data.image_size=256"]), 1, "cpu", "gloo")
+    plan_run(load_config(DET, ["model.fpn_channels=32", "data.image_size=256"]), 1, "cpu", "gloo")
     # a neck forced to GN at 32 px (1x1 P5) is refused the same way
     bad = ["model.fpn_channels=32", "data.image_size=32", "norm.override.head=bn"]
     with pytest.raises(ValueError, match="the neck's GroupNorm"):
-        plan_norms(load_config(DET, [*bad, "norm.override.neck=gn"]), 1, "cpu", "gloo")
+        plan_run(load_config(DET, [*bad, "norm.override.neck=gn"]), 1, "cpu", "gloo")
     # the default detector (64 channels: 2 per group) plans
-    plan_norms(load_config(DET, []), 1, "cpu", "gloo")
+    plan_run(load_config(DET, []), 1, "cpu", "gloo")
+
+
+def test_batches_are_settled_once():
+    from trainer.plan import Batches
+
+    b = Batches(per_device=2, grad_accum=3, world_size=4)
+    assert (b.global_, b.eval) == (24, 8)
+    assert Batches(16, 1, 1).eval == 16
+
+
+def test_the_planner_runs_once_per_start(tmp_path, data_root, monkeypatch):
+    """The CLI's pre-check plans the run; train() runs on that plan."""
+    import trainer.plan
+    from tests.helpers import FAST_DET
+
+    calls = []
+    real = trainer.plan.plan_run
+
+    def counted(*args, **kwargs):
+        calls.append(args[1:])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("trainer.plan.plan_run", counted)
+    monkeypatch.setattr("trainer.loop.plan_run", counted)
+    args = ["train", "--config", str(DET), f"run.output_dir={tmp_path}", "run.name=once"]
+    assert main([*args, f"data.root={data_root}", *FAST_DET]) == 0
+    assert calls == [(1, "cpu", "gloo", 1)]

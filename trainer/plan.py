@@ -1,8 +1,13 @@
-"""The norm policy applied to a run: one decision per model part, as a table and a record.
+"""The run plan: everything decided about a run before anything is built, in one place.
 
-The same function serves ``python -m trainer policy`` (planning, any world size, no model
-built) and the training run (which saves ``policy_record`` as policy.json), so what the
-command prints is what a run with that world size does.
+``plan_run(cfg, world_size, device, backend, local_world_size)`` settles, once per start:
+the batch numbers (per device, global, eval), the norm decision per model part, whether
+precise BN recalibrates, whether CUDA graphs are captured, and why each.  The CLI's
+pre-check, ``train()``, ``python -m trainer policy``, the benches and the cost model all
+read a ``RunPlan``; nothing downstream reads ``train.per_device_batch`` or re-derives a
+decision.  The same function serves planning (any world size, no model built) and the
+run (which saves ``RunPlan.record()`` as policy.json), so what ``policy`` prints is what
+a run with that world size does.
 """
 
 from __future__ import annotations
@@ -10,10 +15,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from norms import (
-    PARTS,
     NormChoice,
     NormPolicy,
     choose_groups,
+    explain,
     learns_running_stats,
     select_norm,
 )
@@ -22,16 +27,38 @@ from trainer.config import Config
 from trainer.graphs import GraphPlan, plan_graphs
 
 __all__ = [
-    "norm_policy",
-    "model_parts",
-    "smallest_maps",
-    "plan_norms",
-    "graph_plan",
+    "Batches",
+    "eval_batch",
     "PreciseBNPlan",
-    "precise_bn_plan",
-    "policy_record",
-    "format_table",
+    "RunPlan",
+    "model_parts",
+    "plan_run",
+    "smallest_maps",
 ]
+
+
+def eval_batch(per_device_batch: int) -> int:
+    """Eval batches: at least 8 images (eval has no norm statistics to protect, only
+    speed), the training batch when larger."""
+    return max(8, per_device_batch)
+
+
+@dataclass(frozen=True)
+class Batches:
+    """The batch numbers, settled once: ``per_device`` is one forward pass of one
+    process (what a norm layer sees), ``global_`` one optimizer step of the run."""
+
+    per_device: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_(self) -> int:
+        return self.per_device * self.world_size * self.grad_accum
+
+    @property
+    def eval(self) -> int:
+        return eval_batch(self.per_device)
 
 
 def model_parts(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -56,42 +83,17 @@ def smallest_maps(cfg: Config) -> dict[str, int]:
     return maps
 
 
-def norm_policy(cfg: Config, local_world_size: int | None = None) -> NormPolicy:
-    p = cfg.norm.policy
-    return NormPolicy(
-        sync_group=p.sync_group,
-        local_world_size=local_world_size,
-        min_batch=p.min_batch,
-        local_bn_batch=p.local_bn_batch,
-        head_kind=p.head_kind,
-        head_ws=p.head_ws,
-        small_batch=p.small_batch,
-        min_values=p.min_values,
-        gn_ws=p.gn_ws,
-        freeze_bn=p.freeze_bn,
-        pretrained_backbone=cfg.model.backbone_weights is not None,
-        gn_groups=p.gn_groups,
-        override={part: getattr(cfg.norm.override, part) for part in PARTS},
-    )
-
-
-def plan_norms(
-    cfg: Config,
-    world_size: int,
-    device: str,
-    backend: str,
-    local_world_size: int | None = None,
-) -> dict[str, NormChoice]:
-    """One decision per part; ``local_world_size`` (processes per node) keeps sync
-    groups inside a node (None: the whole world is one node)."""
-    policy = norm_policy(cfg, local_world_size)
-    maps = smallest_maps(cfg)
-    plan = {
+def _plan_parts(cfg: Config, world_size: int, device: str, backend: str, local: int | None):
+    policy, maps = cfg.norm.policy, smallest_maps(cfg)
+    parts = {
         part: select_norm(
             world_size,
             cfg.train.per_device_batch,
             part,
             policy,
+            override=getattr(cfg.norm.override, part),
+            pretrained=cfg.model.backbone_weights is not None,
+            local_world_size=local,
             device=device,
             backend=backend,
             channels=widths,
@@ -99,8 +101,8 @@ def plan_norms(
         )
         for part, widths in model_parts(cfg).items()
     }
-    _check_gn_values(cfg, plan, policy, maps)
-    return plan
+    _check_gn_values(cfg, parts, policy, maps)
+    return parts
 
 
 def _check_gn_values(
@@ -125,19 +127,6 @@ def _check_gn_values(
             )
 
 
-def graph_plan(cfg: Config, world_size: int, device: str) -> GraphPlan:
-    """Whether this run captures CUDA graphs (``train.cuda_graphs``), and why."""
-    t = cfg.train
-    return plan_graphs(
-        t.cuda_graphs,
-        device=device,
-        world_size=world_size,
-        compile=t.compile,
-        amp=t.amp,
-        grad_accum=t.grad_accum,
-    )
-
-
 @dataclass(frozen=True)
 class PreciseBNPlan:
     enabled: bool
@@ -148,13 +137,13 @@ class PreciseBNPlan:
         return asdict(self)
 
 
-def precise_bn_plan(cfg: Config, plan: dict[str, NormChoice]) -> PreciseBNPlan:
+def _precise_bn(cfg: Config, parts: dict[str, NormChoice]) -> PreciseBNPlan:
     """Whether running statistics are recalibrated before every eval and save, and why."""
     p, batch, min_batch = cfg.norm.precise_bn, cfg.train.per_device_batch, cfg.norm.policy.min_batch
-    parts = [part for part, c in plan.items() if learns_running_stats(c.kind)]
+    learning = [part for part, c in parts.items() if learns_running_stats(c.kind)]
     if p.enabled == "false":
         return PreciseBNPlan(False, p.num_batches, "norm.precise_bn.enabled=false")
-    if not parts:
+    if not learning:
         return PreciseBNPlan(False, p.num_batches, f"{p.enabled}: no part learns running stats")
     if p.enabled == "true":
         return PreciseBNPlan(True, p.num_batches, "norm.precise_bn.enabled=true")
@@ -165,37 +154,88 @@ def precise_bn_plan(cfg: Config, plan: dict[str, NormChoice]) -> PreciseBNPlan:
     return PreciseBNPlan(
         True,
         p.num_batches,
-        f"auto: {'/'.join(parts)} learn running statistics at per_device_batch {batch} < "
+        f"auto: {'/'.join(learning)} learn running statistics at per_device_batch {batch} < "
         f"min_batch {min_batch}",
     )
 
 
-def policy_record(
+@dataclass(frozen=True)
+class RunPlan:
+    """What ``plan_run`` settled for one start of a run."""
+
+    world_size: int
+    local_world_size: int
+    device: str
+    backend: str
+    batch: Batches
+    parts: dict[str, NormChoice]
+    precise: PreciseBNPlan
+    graphs: GraphPlan
+    policy: NormPolicy
+
+    def reason(self, part: str) -> str:
+        return explain(self.parts[part], self.policy)
+
+    def record(self) -> dict:
+        """What policy.json holds (and ``policy --json`` prints)."""
+        return {
+            "world_size": self.world_size,
+            "per_device_batch": self.batch.per_device,
+            "parts": {
+                part: {**c.as_dict(), "reason": self.reason(part)} for part, c in self.parts.items()
+            },
+            "precise_bn": self.precise.as_dict(),
+            "cuda_graphs": self.graphs.as_dict(),
+        }
+
+    def table(self) -> str:
+        return format_table(
+            [(c, self.reason(part)) for part, c in self.parts.items()], self.graphs, self.precise
+        )
+
+
+def plan_run(
     cfg: Config,
     world_size: int,
-    plan: dict[str, NormChoice],
-    graphs: GraphPlan,
-    precise: PreciseBNPlan,
-) -> dict:
-    """What policy.json holds."""
-    return {
-        "world_size": world_size,
-        "per_device_batch": cfg.train.per_device_batch,
-        "parts": {part: choice.as_dict() for part, choice in plan.items()},
-        "precise_bn": precise.as_dict(),
-        "cuda_graphs": graphs.as_dict(),
-    }
+    device: str,
+    backend: str = "gloo",
+    local_world_size: int | None = None,
+) -> RunPlan:
+    """The plan for ``world_size`` processes on ``device``/``backend``;
+    ``local_world_size`` (processes per node) keeps sync groups inside a node (None: the
+    whole world is one node).  Raises ValueError/ConfigError when the run is impossible."""
+    t = cfg.train
+    graphs = plan_graphs(
+        t.cuda_graphs,
+        device=device,
+        world_size=world_size,
+        compile=t.compile,
+        amp=t.amp,
+        grad_accum=t.grad_accum,
+    )
+    parts = _plan_parts(cfg, world_size, device, backend, local_world_size)
+    return RunPlan(
+        world_size=world_size,
+        local_world_size=local_world_size or world_size,
+        device=device,
+        backend=backend,
+        batch=Batches(t.per_device_batch, t.grad_accum, world_size),
+        parts=parts,
+        precise=_precise_bn(cfg, parts),
+        graphs=graphs,
+        policy=cfg.norm.policy,
+    )
 
 
 def format_table(
-    plan: dict[str, NormChoice],
+    rows_in: list[tuple[NormChoice, str]],
     graphs: GraphPlan | None = None,
     precise: PreciseBNPlan | None = None,
 ) -> str:
     rows = [("part", "kind", "ws", "impl", "group", "reason")]
     rows += [
-        (c.part, c.kind, "yes" if c.ws else "no", c.impl, str(c.sync_group_size), c.reason)
-        for c in plan.values()
+        (c.part, c.kind, "yes" if c.ws else "no", c.impl, str(c.sync_group_size), reason)
+        for c, reason in rows_in
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = []
