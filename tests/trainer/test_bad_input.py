@@ -211,7 +211,7 @@ def test_warmup_longer_than_the_run_warns(tmp_path, data_root, capsys):
 def test_a_rank_whose_peer_died_says_one_line(monkeypatch, capsys, tmp_path, data_root):
     import torch.distributed as dist
 
-    def peer_died(cfg, env):
+    def peer_died(cfg, env, **kwargs):
         raise dist.DistBackendError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer")
 
     monkeypatch.setattr("trainer.loop.train", peer_died)
@@ -223,7 +223,7 @@ def test_a_rank_whose_peer_died_says_one_line(monkeypatch, capsys, tmp_path, dat
 
 
 def test_the_failing_rank_keeps_its_traceback(monkeypatch, tmp_path, data_root):
-    def broken(cfg, env):
+    def broken(cfg, env, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr("trainer.loop.train", broken)

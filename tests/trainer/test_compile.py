@@ -56,7 +56,7 @@ def test_recompile_storm_is_an_error_not_a_crawl():
 def test_cli_names_the_key_when_compile_gives_up(monkeypatch, capsys, tmp_path, data_root):
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
-    def storm(cfg, env):
+    def storm(cfg, env, **kwargs):
         raise FailOnRecompileLimitHit("recompile_limit reached")
 
     monkeypatch.setattr("trainer.loop.train", storm)

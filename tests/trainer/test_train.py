@@ -44,7 +44,11 @@ def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
         "neck": "brn",
         "head": "gn",
     }
-    assert set(policy["parts"]["head"]) == {"kind", "ws", "impl", "reason", "sync_group_size"}
+    head = policy["parts"]["head"]
+    assert {"kind", "ws", "impl", "reason", "sync_group_size", "rule", "values"} <= set(head)
+    assert head["rule"] == "head_gn" and head["reason"].startswith("head: GroupNorm")
+    backbone = policy["parts"]["backbone"]  # 64 px: a 2x2 last stage, 2 images
+    assert (backbone["rule"], backbone["samples"], backbone["values"]) == ("values", 2, 8)
     metrics = metrics_rows(run_dir)
     steps = [r for r in metrics if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
