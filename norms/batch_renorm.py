@@ -193,17 +193,7 @@ class _RenormMixin:
             else:
                 torch._foreach_clamp_min_([r, d], [1.0 / rmax_t, -dmax_t])
                 torch._foreach_clamp_max_([r, d], [rmax_t, dmax_t])
-            self.num_batches_tracked.add_(1)
-            unbiased = var * (total / (total - 1))
-            new = (mean, unbiased)
-            if self.running_mean.dtype != acc:
-                new = (mean.to(self.running_mean.dtype), unbiased.to(self.running_var.dtype))
-            factor = self._momentum_factor(self.running_mean.dtype)
-            if isinstance(factor, torch.Tensor):
-                for buf, value in zip((self.running_mean, self.running_var), new, strict=True):
-                    buf.lerp_(value, factor)
-            else:
-                torch._foreach_lerp_([self.running_mean, self.running_var], list(new), factor)
+            self._update_running(mean, var, total)
         self.last_r, self.last_d, self.last_limits = r, d, (rmax_t, dmax_t)
         if group is None and (self.impl == "native" or (self.impl == "auto" and x.is_cuda)):
             return renorm_native(x, self.weight, self.bias, r, d, eps)
@@ -220,6 +210,21 @@ class _RenormMixin:
             total=total,
             invstd=invstd,
         )
+
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, total) -> None:
+        """BatchNorm's update: the step count, then the running stats moved towards the
+        batch's mean and unbiased variance (after r and d used the old ones)."""
+        self.num_batches_tracked.add_(1)
+        unbiased = var * (total / (total - 1))
+        new = (mean, unbiased)
+        if self.running_mean.dtype != mean.dtype:
+            new = (mean.to(self.running_mean.dtype), unbiased.to(self.running_var.dtype))
+        factor = self._momentum_factor(self.running_mean.dtype)
+        if isinstance(factor, torch.Tensor):
+            for buf, value in zip((self.running_mean, self.running_var), new, strict=True):
+                buf.lerp_(value, factor)
+        else:
+            torch._foreach_lerp_([self.running_mean, self.running_var], list(new), factor)
 
     def renorm_stats(self) -> dict[str, float]:
         """Clip diagnostics of the last training forward: how hard r and d are working.

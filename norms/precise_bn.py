@@ -80,14 +80,10 @@ def precise_bn(
             m.momentum = 1.0  # after a forward, the running stats *are* that batch's
         for m, _, _ in limits:
             m.rmax, m.dmax = 1.0, 0.0  # r = 1, d = 0: plain BatchNorm
-        n = 0
         with torch.random.fork_rng(devices=_cuda_devices(model)):
-            for batch in itertools.islice(batches, num_batches):
-                forward(model, batch)
-                n += 1
-                for m, mean, var in zip(layers, means, variances, strict=True):
-                    mean.add_(m.running_mean - mean, alpha=1.0 / n)
-                    var.add_(m.running_var - var, alpha=1.0 / n)
+            n = _average(
+                model, layers, itertools.islice(batches, num_batches), forward, means, variances
+            )
         if n == 0:
             raise ValueError("precise_bn: the batches iterable is empty")
         for m, mean, var in zip(layers, means, variances, strict=True):
@@ -115,3 +111,16 @@ def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _cuda_devices(model: nn.Module) -> list[int]:
     return sorted({t.device.index or 0 for t in model.state_dict().values() if t.is_cuda})
+
+
+def _average(model, layers, batches, forward, means, variances) -> int:
+    """Run ``batches``; ``means``/``variances`` become the running averages of each
+    layer's per-batch statistics (its running stats at momentum 1).  Returns the count."""
+    n = 0
+    for batch in batches:
+        forward(model, batch)
+        n += 1
+        for m, mean, var in zip(layers, means, variances, strict=True):
+            mean.add_(m.running_mean - mean, alpha=1.0 / n)
+            var.add_(m.running_var - var, alpha=1.0 / n)
+    return n

@@ -3,5 +3,5 @@ eval, predict, export, runs.
 
 config.py (typed config) -> plan.py (the run plan: batches, norms per part) -> training.py
 (datasets, model, DDP, optimizer) -> loop.py (``train``) with checkpoint.py, evaluate.py
-and logging.py at their points.  See the README's Architecture section.
+and tracking.py at their points.  See the README's Architecture section.
 """

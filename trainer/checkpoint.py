@@ -16,9 +16,7 @@ no half-written file under a checkpoint's name.  Everything inside loads with
 
 from __future__ import annotations
 
-import io
 import os
-import random
 import re
 import shutil
 import signal
@@ -29,13 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from norms import NormChoice, is_batch_norm_kind
 from trainer.distributed import DistEnv, average_local_bn_stats
+from trainer.files import atomic_file
+from trainer.rng import gather_rng, restore_rng
 
 __all__ = [
     "CheckpointError",
@@ -46,9 +44,7 @@ __all__ = [
     "load_latest",
     "read_checkpoint",
     "save_checkpoint",
-    "seed_everything",
     "unwrap",
-    "write_atomic",
 ]
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -73,13 +69,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-# -- files -------------------------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Checkpoint files, newest step first."""
     folder = Path(folder)
@@ -93,27 +82,17 @@ def save_checkpoint(folder: str | Path, step: int, state: dict, keep: int) -> Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}.pt"
-    tmp = folder / f".{final.name}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(final) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
     except (OSError, RuntimeError) as e:
         # torch reports a failed write as RuntimeError ("unexpected pos"); the OSError
-        # (disk full, file too large) is its cause.
-        tmp.unlink(missing_ok=True)
+        # (disk full, file too large) is its cause.  atomic_file removed the temporary.
         cause = e if isinstance(e, OSError) else (e.__cause__ or e.__context__ or e)
         why = getattr(cause, "strerror", None) or str(cause).splitlines()[0]
         raise CheckpointError(
             f"could not write checkpoint {final}: {why}; the earlier checkpoints are kept"
         ) from None
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
     # Rotation counts real checkpoints only: a stray file named like one (not a torch zip
     # archive) must not push a good checkpoint out.  It is left alone, with a warning.
     found = list_checkpoints(folder)
@@ -134,22 +113,23 @@ _KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in
 _KEYS += ("rng", "config", "policy", "world_size")
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, *, metadata_only: bool = False) -> dict:
     """A normpilot training checkpoint, checked; CheckpointError saying why not.
 
     torch writes a CRC-32 of every record into the zip archive it saves; torch.load does
     not check them, so a flipped block in optimizer state loaded silently.  They are
-    verified here first (one read of the file)."""
+    verified here first (one read of the file).  ``metadata_only`` (``runs``): no CRC
+    pass, and the tensors are memory-mapped, not read, so only the small records are."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+            bad = None if metadata_only else z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(f"{path} is not a torch checkpoint file ({e})") from None
     if bad is not None:
         raise CheckpointError(f"{path} is damaged: record {bad} fails its checksum")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=metadata_only)
     except Exception as e:  # noqa: BLE001 - any unloadable file is the same finding
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(
@@ -169,58 +149,15 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_latest(folder: str | Path) -> tuple[dict, Path] | None:
+def load_latest(folder: str | Path, *, metadata_only: bool = False) -> tuple[dict, Path] | None:
     """The newest valid checkpoint; unreadable, damaged or foreign files are skipped with
     a warning that says why."""
     for path in list_checkpoints(folder):
         try:
-            return read_checkpoint(path), path
+            return read_checkpoint(path, metadata_only=metadata_only), path
         except CheckpointError as e:
             warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
     return None
-
-
-# -- RNG ---------------------------------------------------------------------------------
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def _rng_blob() -> torch.Tensor:
-    # Serialized to bytes: object collectives and weights_only loading both handle a
-    # plain uint8 tensor, and each rank's state is kept whole.
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    np_state = np.random.get_state()
-    state["numpy"] = [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-
-
-def _restore_rng(blob: torch.Tensor) -> None:
-    state = torch.load(io.BytesIO(blob.numpy().tobytes()), weights_only=True)
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _gather_rng(env: DistEnv) -> list[torch.Tensor]:
-    """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
-    if env.world_size == 1:
-        return [_rng_blob()]
-    blobs = [None] * env.world_size
-    dist.all_gather_object(blobs, _rng_blob().numpy().tobytes())
-    return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
 
 
 # -- preemption --------------------------------------------------------------------------
@@ -415,7 +352,7 @@ class Checkpointer:
             ) from None
         if ckpt["world_size"] == self.env.world_size:
             _translate_position(state, ckpt, path, batch)
-            _restore_rng(ckpt["rng"][self.env.rank])
+            restore_rng(ckpt["rng"][self.env.rank])
         else:
             data = state.data
             data.epoch, data.pos = data.epoch + (data.pos > 0), 0
@@ -436,7 +373,7 @@ class Checkpointer:
         averages when the model holds precise-BN statistics (restored on resume)."""
         # Local BN statistics averaged first, so the file doesn't hold rank 0's alone.
         average_local_bn_stats(state.model, self.env)
-        rngs = _gather_rng(self.env)
+        rngs = gather_rng(self.env)
         path = None
         if self.env.is_main:
             ckpt = {

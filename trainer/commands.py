@@ -14,9 +14,9 @@ __all__ = ["cmd_eval", "cmd_predict", "cmd_export", "cmd_runs"]
 def cmd_eval(args) -> int:
     """Evaluate a checkpoint on the configured val split (or a dataset given by
     overrides); under torchrun every rank takes a shard.  Writes <run>/eval.json."""
-    from trainer.checkpoint import write_atomic
     from trainer.distributed import init_distributed, teardown
     from trainer.evaluate import evaluate
+    from trainer.files import write_atomic
     from trainer.inference import load_run
     from trainer.plan import eval_batch
     from trainer.training import load_datasets
@@ -154,7 +154,7 @@ def cmd_runs(args) -> int:
     for folder in folders:
         with warnings.catch_warnings(record=True) as skipped:  # said once below, per run
             warnings.simplefilter("always")
-            found = load_latest(folder / "checkpoints")
+            found = load_latest(folder / "checkpoints", metadata_only=True)
         for w in skipped:
             print(f"warning: {folder.name}: {w.message}", file=sys.stderr)
         step, ckpt = (found[0]["step"], found[1].name) if found else ("-", "-")

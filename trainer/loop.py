@@ -1,26 +1,23 @@
-"""The training run: config -> policy -> model with those norms -> DDP -> loop.
+"""The training run: config -> run plan -> model with those norms -> DDP -> loop.
 
 One code path for a laptop CPU, one GPU, and ``torchrun`` on one node or many.  Outputs
 go to ``<run.output_dir>/<run.name>/``: config.yaml, policy.json, metrics.jsonl,
 checkpoints/, wandb/.  Starting a run whose folder holds checkpoints resumes from the
 newest readable one.  ``train()`` reads as the table of contents; each job has its own
-module: set-up (training.py), checkpoints and resume (checkpoint.py), data
-(data/), evaluation (evaluate.py), logging (logging.py).
+module: the plan (plan.py), set-up (training.py), one optimizer step (step.py),
+checkpoints and resume (checkpoint.py), data (data/), evaluation (evaluate.py), the run
+log (tracking.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from norms import renorm_diagnostics
 from trainer.checkpoint import (
@@ -29,17 +26,19 @@ from trainer.checkpoint import (
     StopFlag,
     TrainState,
     list_checkpoints,
-    seed_everything,
-    write_atomic,
 )
-from trainer.config import Config, resolve_threads, to_dict, to_yaml
+from trainer.config import Config, to_dict, to_yaml
+from trainer.cpus import resolve_threads
 from trainer.data import DataError, describe
 from trainer.data.stream import BatchStream, LoaderFactory
 from trainer.distributed import DistEnv, any_flag, average_local_bn_stats
 from trainer.evaluate import evaluate
-from trainer.logging import Progress, RunLogger, peak_memory_mb, print_summary
+from trainer.files import write_atomic
 from trainer.plan import RunPlan, plan_run
 from trainer.recalibrate import Recalibrator
+from trainer.rng import seed_everything
+from trainer.step import LossMeter, TrainingDiverged, train_step
+from trainer.tracking import Progress, RunLogger, peak_memory_mb, print_summary
 from trainer.training import (
     Training,
     build_training,
@@ -49,7 +48,7 @@ from trainer.training import (
     loader_factory,
 )
 
-__all__ = ["train", "train_step", "CheckpointError"]
+__all__ = ["train", "train_step", "CheckpointError", "TrainingDiverged"]
 
 
 def train(
@@ -62,18 +61,10 @@ def train(
     ``plan``: the CLI's pre-check plan, when it was made for this process group.
     """
     seed_everything(cfg.run.seed + env.rank, cfg.run.deterministic)
-    threads, why = resolve_threads(
-        cfg.run.threads, env.local_world_size, cfg.data.workers(env.local_world_size)
-    )
-    torch.set_num_threads(threads)  # before any model or data work
-    if env.is_main:
-        print(f"threads: {threads} per process ({why})", flush=True)
+    _set_threads(cfg, env)  # before any model or data work
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     train_ds, val_ds = load_datasets(cfg, env)
-    # The plan is made on every start: a restart may have another world size.
-    where = (env.world_size, env.local_world_size, env.device.type, env.backend)
-    if plan is None or (plan.world_size, plan.local_world_size, plan.device, plan.backend) != where:
-        plan = plan_run(cfg, env.world_size, env.device.type, env.backend, env.local_world_size)
+    plan = _plan_for(cfg, env, plan)
     record = plan.record()
     if layout := group_layout(plan.parts, env):
         record["sync_groups"] = layout
@@ -88,17 +79,7 @@ def train(
     )
     found = checkpoints.latest(cfg.model.arch, plan.parts, cfg.train.optimizer)
     if found is not None and found[0]["step"] >= cfg.train.max_steps:
-        # Nothing to train: re-running the command must not append an eval row, open a
-        # wandb run or re-evaluate with training's statistics instead of the saved ones.
-        if env.is_main:
-            print(
-                f"run {run_dir} already finished: {found[1].name} is at step "
-                f"{found[0]['step']} (train.max_steps={cfg.train.max_steps}); nothing to do. "
-                f"`normpilot eval --run {run_dir}` evaluates it; a larger train.max_steps "
-                f"trains on",
-                flush=True,
-            )
-        return {"finished_at": found[0]["step"]}
+        return _already_finished(cfg, env, run_dir, found)
 
     t = build_training(cfg, env, plan)
     checkpoints.check_space(t.model, cfg.train.optimizer)
@@ -111,22 +92,66 @@ def train(
             cfg.run.seed + env.rank + step, cfg.run.deterministic
         )
         checkpoints.restore(state, found, reseed, batch=plan.batch.per_device)
+    loop = _Loop(cfg, env, t, state, checkpoints, val_ds, plan)
+    final, logger = _run(cfg, env, run_dir, record, loop)
+    if env.is_main and "stopped_at" not in final and "finished_at" not in final:
+        newest = next(iter(list_checkpoints(checkpoints.folder)), None)
+        print_summary(final, run_dir, newest, logger, cfg.wandb.mode)
+    return final
 
-    # A resume that fails before its first checkpoint leaves the folder describing the
-    # checkpoints it holds: config.yaml, policy.json and metrics.jsonl are put back.
-    undo = _FolderUndo(run_dir) if found is not None and env.is_main else None
+
+def _set_threads(cfg: Config, env: DistEnv) -> None:
+    threads, why = resolve_threads(
+        cfg.run.threads, env.local_world_size, cfg.data.workers(env.local_world_size)
+    )
+    torch.set_num_threads(threads)
+    if env.is_main:
+        print(f"threads: {threads} per process ({why})", flush=True)
+
+
+def _plan_for(cfg: Config, env: DistEnv, plan: RunPlan | None) -> RunPlan:
+    """The pre-check's plan when it was made for this process group; otherwise made here
+    (a restart may have another world size: the plan is made on every start)."""
+    where = (env.world_size, env.local_world_size, env.device.type, env.backend)
+    if plan is None or (plan.world_size, plan.local_world_size, plan.device, plan.backend) != where:
+        plan = plan_run(cfg, env.world_size, env.device.type, env.backend, env.local_world_size)
+    return plan
+
+
+def _already_finished(cfg: Config, env: DistEnv, run_dir: Path, found) -> dict:
+    # Nothing to train: re-running the command must not append an eval row, open a wandb
+    # run or re-evaluate with training's statistics instead of the saved ones.
+    if env.is_main:
+        print(
+            f"run {run_dir} already finished: {found[1].name} is at step "
+            f"{found[0]['step']} (train.max_steps={cfg.train.max_steps}); nothing to do. "
+            f"`normpilot eval --run {run_dir}` evaluates it; a larger train.max_steps "
+            f"trains on",
+            flush=True,
+        )
+    return {"finished_at": found[0]["step"]}
+
+
+def _run(cfg: Config, env: DistEnv, run_dir: Path, record: dict, loop: _Loop):
+    """Write the run's description, open the logger and run the loop.  A resume that
+    fails before its first checkpoint leaves the folder describing the checkpoints it
+    holds: config.yaml, policy.json and metrics.jsonl are put back."""
+    state, checkpoints = loop.state, loop.checkpoints
+    resumed_at = checkpoints.last_saved if checkpoints.last_saved >= 0 else None
+    undo = _FolderUndo(run_dir) if resumed_at is not None and env.is_main else None
     if env.is_main:
         write_atomic(run_dir / "config.yaml", to_yaml(cfg))
         write_atomic(run_dir / "policy.json", json.dumps(record, indent=2) + "\n")
     logger = None
     try:
-        logger = _open_logger(cfg, env, run_dir, state.wandb_id, plan)
+        logger = _open_logger(cfg, env, run_dir, state.wandb_id, loop.plan)
+        loop.attach(logger)
         state.wandb_id = logger.run_id
-        if found is not None:
+        if resumed_at is not None:
             logger.log({"step": state.step, "event": "resume", "world_size": env.world_size})
-        final = _Loop(cfg, env, t, state, checkpoints, logger, val_ds, plan).run()
+        final = loop.run()
     except BaseException:
-        if undo is not None and checkpoints.last_saved == found[0]["step"]:
+        if undo is not None and checkpoints.last_saved == resumed_at:
             if logger is not None:
                 logger.close()
                 logger = None
@@ -135,10 +160,7 @@ def train(
     finally:
         if logger is not None:
             logger.close()
-    if env.is_main and "stopped_at" not in final and "finished_at" not in final:
-        newest = next(iter(list_checkpoints(checkpoints.folder)), None)
-        print_summary(final, run_dir, newest, logger, cfg.wandb.mode)
-    return final
+    return final, logger
 
 
 class _FolderUndo:
@@ -156,9 +178,7 @@ class _FolderUndo:
 
     def restore(self) -> None:
         for name, data in self.files.items():
-            tmp = self.run_dir / f".{name}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, self.run_dir / name)
+            write_atomic(self.run_dir / name, data)
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.is_file():
             os.truncate(metrics, self.metrics_size)
@@ -168,12 +188,15 @@ class _Loop:
     """The step loop and its points: log, eval and checkpoint when due; then the final
     eval, or the preemption save when a stop was requested."""
 
-    def __init__(self, cfg, env, t: Training, state, checkpoints, logger, val_ds, plan):
+    def __init__(self, cfg, env, t: Training, state, checkpoints, val_ds, plan: RunPlan):
         self.cfg, self.env, self.t, self.state = cfg, env, t, state
-        self.checkpoints, self.logger, self.val_ds = checkpoints, logger, val_ds
-        self.eval_batch = plan.batch.eval
-        self.recalibrate = Recalibrator(plan.precise, t, state.data, logger)
-        self.meter = _LossMeter(state.step, cfg.train.clip_grad_norm)
+        self.checkpoints, self.val_ds, self.plan = checkpoints, val_ds, plan
+        self.logger: RunLogger | None = None  # attach() before run()
+        self.meter = LossMeter(state.step, cfg.train.clip_grad_norm)
+
+    def attach(self, logger: RunLogger) -> None:
+        self.logger = logger
+        self.recalibrate = Recalibrator(self.plan.precise, self.t, self.state.data, logger)
 
     def run(self) -> dict:
         cfg, t, state = self.cfg, self.t, self.state
@@ -258,7 +281,7 @@ class _Loop:
             self.val_ds,
             self.env,
             task=self.t.task,
-            batch=self.eval_batch,
+            batch=self.plan.batch.eval,
             workers=cfg.data.workers(self.env.local_world_size),
         )
         if self.t.task == "detection" and self.logger.wandb_active:
@@ -304,100 +327,6 @@ class _Loop:
             if marker := os.environ.get("NORMPILOT_PREEMPT_FILE"):  # launch/preemptible.sh
                 Path(marker).write_text(f"{self.state.step}\n")
         return {"stopped_at": self.state.step}
-
-
-def train_step(t: Training, batches: list) -> torch.Tensor:
-    """One optimizer step over ``batches`` (grad_accum micro-batches).  Returns the mean
-    loss as a 0-dim device tensor: reading it is the caller's (host-syncing) choice."""
-    loss_sum = None
-    for i, batch in enumerate(batches):
-        sync = contextlib.nullcontext()
-        if isinstance(t.net, DDP) and i < len(batches) - 1:
-            sync = t.net.no_sync()  # all-reduce gradients once, on the last one
-        autocast = torch.autocast(
-            t.device.type,
-            dtype=t.amp_dtype or torch.float32,
-            enabled=t.amp_dtype is not None,
-            cache_enabled=not t.graphed,  # a captured graph must not hold the cast cache
-        )
-        with sync, autocast:
-            loss = _loss(t, batch)
-            t.scaler.scale(loss / t.grad_accum).backward()
-        part = loss.detach().float() / t.grad_accum
-        loss_sum = part if loss_sum is None else loss_sum + part
-    if t.clip_grad_norm is not None:
-        t.scaler.unscale_(t.optimizer)
-        nn.utils.clip_grad_norm_(t.model.parameters(), t.clip_grad_norm)
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    t.optimizer.zero_grad(set_to_none=True)
-    t.scheduler.step()
-    return loss_sum
-
-
-class TrainingDiverged(ValueError):
-    """The loss went non-finite: a user-facing error (no traceback)."""
-
-
-class _LossMeter:
-    """Step losses summed on the device; read on the host only at log points."""
-
-    def __init__(self, step: int, clip: float | None = None):
-        self.clip = clip
-        self._start(step)
-
-    def _start(self, step: int) -> None:
-        self.sum, self.first, self.t0 = None, step + 1, time.perf_counter()
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.sum = loss if self.sum is None else self.sum + loss
-
-    def check(self, step: int) -> None:
-        if self.sum is not None and not torch.isfinite(self.sum):
-            self._raise(step)
-
-    def read(self, step: int) -> tuple[float, int, float]:
-        """(mean loss, steps, seconds) since the last read; a host sync."""
-        steps = step - self.first + 1
-        loss = self.sum.item() / steps
-        seconds = time.perf_counter() - self.t0
-        if not math.isfinite(loss):
-            self._raise(step)
-        self._start(step)
-        return loss, steps, seconds
-
-    def _raise(self, step: int):
-        advice = (
-            "(train.clip_grad_norm is set); lower train.lr"
-            if self.clip is not None
-            else "lower train.lr or set train.clip_grad_norm"
-        )
-        raise TrainingDiverged(
-            f"the loss is not finite in steps {self.first}-{step} "
-            f"(loss sum {self.sum.item()}) {advice}. No checkpoint was written from these "
-            f"steps"
-        )
-
-
-def _to(v, device: torch.device):
-    return v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-
-
-def _loss(t: Training, batch) -> torch.Tensor:
-    if t.task == "detection":
-        images, targets = batch
-        images = [im.to(t.device, non_blocking=True) for im in images]
-        targets = [
-            {
-                k: (v.to(t.device, non_blocking=True) if torch.is_tensor(v) else v)
-                for k, v in tgt.items()
-            }
-            for tgt in targets
-        ]
-        return sum(t.net(images, targets).values())
-    images, labels, _ = batch
-    logits = t.net(images.to(t.device, non_blocking=True))
-    return nn.functional.cross_entropy(logits, labels.to(t.device, non_blocking=True))
 
 
 _BRN_KEYS = ("r_clipped", "d_clipped", "r_dev", "d_abs")

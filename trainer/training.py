@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from norms import NormChoice
 from trainer.config import Config, ConfigError
-from trainer.data import DataError, build_datasets, train_loader
+from trainer.data import DataError, build_datasets, check_batch_fits, train_loader
 from trainer.data.stream import LoaderFactory
 from trainer.distributed import DistEnv, any_flag
 from trainer.models import build_model
@@ -79,11 +79,7 @@ def load_datasets(cfg: Config, env: DistEnv):
             f"model.num_classes={cfg.model.num_classes} but the training data has "
             f"{train_ds.num_classes} classes: set model.num_classes={train_ds.num_classes}"
         )
-    if len(train_ds) < cfg.train.per_device_batch * env.world_size:
-        raise DataError(
-            f"train.per_device_batch={cfg.train.per_device_batch} x world_size "
-            f"{env.world_size} is larger than the training set ({len(train_ds)} samples)"
-        )
+    check_batch_fits(len(train_ds), cfg.train.per_device_batch, env.world_size)
     return train_ds, val_ds
 
 

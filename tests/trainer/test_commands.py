@@ -222,6 +222,24 @@ def test_runs_lists_every_run_and_the_console_script_works(runs):
     assert "step_00000004.pt" in det and "backbone:" in det
 
 
+def test_runs_reads_checkpoint_metadata_without_the_tensors(runs, monkeypatch, capsys):
+    """``runs`` memory-maps each checkpoint (no tensor is read) and skips the CRC pass,
+    which reads the whole file; eval/train keep both."""
+    calls = []
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        calls.append(kwargs.get("mmap"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr("trainer.checkpoint.torch.load", load)
+    monkeypatch.setattr(
+        "zipfile.ZipFile.testzip", lambda self: pytest.fail("runs ran the CRC pass")
+    )
+    assert main(["runs", "--root", str(runs)]) == 0
+    assert calls == [True, True] and "step_00000004.pt" in capsys.readouterr().out
+
+
 @pytest.mark.dist
 def test_eval_under_torchrun_shards_the_val_set_and_agrees(runs):
     from tests.helpers import run, torchrun_cmd

@@ -92,7 +92,7 @@ def test_sigterm_during_the_final_eval_ends_it_and_keeps_the_checkpoint(
 
 
 def test_a_second_ctrl_c_stops_without_a_traceback(tmp_path, data_root, monkeypatch, capsys):
-    def second_ctrl_c(cfg, env):
+    def second_ctrl_c(cfg, env, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("trainer.loop.train", second_ctrl_c)

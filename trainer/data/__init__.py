@@ -13,7 +13,14 @@ from trainer.data.errors import DataError
 from trainer.data.images import DEFAULT_MAX_PIXELS
 from trainer.data.shapes import ensure_shapes, shapes_dir
 
-__all__ = ["DataError", "build_datasets", "describe", "train_loader", "eval_loader"]
+__all__ = [
+    "DataError",
+    "build_datasets",
+    "check_batch_fits",
+    "describe",
+    "eval_loader",
+    "train_loader",
+]
 
 
 def build_datasets(
@@ -68,6 +75,16 @@ class _ResumeSampler(Sampler):
         return max(0, len(self.base) - self.skip)
 
 
+def check_batch_fits(samples: int, batch: int, world_size: int) -> None:
+    """One step's batches must fit in the training set (drop_last would leave an epoch
+    with no batch at all)."""
+    if samples < batch * world_size:
+        raise DataError(
+            f"train.per_device_batch={batch} x world_size {world_size} = {batch * world_size} "
+            f"is larger than the training set ({samples} samples)"
+        )
+
+
 def train_loader(
     ds,
     *,
@@ -84,11 +101,7 @@ def train_loader(
     """One epoch of this rank's shard from ``skip_batches`` in.  A new loader per epoch
     (not persistent workers): the epoch's augmentation seed (``ds.set_epoch``) and the
     resume position must reach the worker processes, which keep their own dataset copy."""
-    if len(ds) < batch * world_size:
-        raise DataError(
-            f"train.per_device_batch={batch} x world_size {world_size} = {batch * world_size} "
-            f"is larger than the training set ({len(ds)} samples)"
-        )
+    check_batch_fits(len(ds), batch, world_size)
     ds.set_epoch(epoch)
     base = DistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, drop_last=True)
     base.set_epoch(epoch)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer.logging import RunLogger
+from trainer.tracking import RunLogger
 
 
 class _BrokenRun:
@@ -84,10 +84,10 @@ def test_non_main_rank_writes_nothing(tmp_path):
 
 
 def test_progress_off_a_terminal_prints_at_the_first_step_and_every_30_s(capsys, monkeypatch):
-    from trainer.logging import Progress
+    from trainer.tracking import Progress
 
     clock = iter([0.0, 1.0, 2.0, 40.0, 41.0])
-    monkeypatch.setattr("trainer.logging.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("trainer.tracking.time.perf_counter", lambda: next(clock))
     p = Progress(True, 100, 0)  # t0 = 0; stdout is captured, not a terminal
     p.advance()  # step 1 at 1 s: the first line
     p.advance()  # step 2 at 2 s: too soon
@@ -98,14 +98,14 @@ def test_progress_off_a_terminal_prints_at_the_first_step_and_every_30_s(capsys,
 
 
 def test_threads_auto_leaves_room_for_the_loader_and_respects_omp(monkeypatch):
-    from trainer.config import resolve_threads
+    from trainer.cpus import resolve_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("trainer.config.cpus_available", lambda: 16)
+    monkeypatch.setattr("trainer.cpus.cpus_available", lambda: 16)
     assert resolve_threads("auto", 1, 8)[0] == 8  # 16 CPUs, 8 for workers
     assert resolve_threads("auto", 2, 4)[0] == 4  # 8 each, half for workers
     assert resolve_threads("auto", 1, 0)[0] == 16
-    monkeypatch.setattr("trainer.config.cpus_available", lambda: 2)
+    monkeypatch.setattr("trainer.cpus.cpus_available", lambda: 2)
     assert resolve_threads("auto", 1, 2)[0] == 1
     assert resolve_threads("auto", 4, 1)[0] == 1
     assert resolve_threads(3, 1, 2) == (3, "run.threads")

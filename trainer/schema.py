@@ -1,0 +1,314 @@
+"""The run configuration's schema: one dataclass per section, every field documented
+where it is declared, and each section's own range checks (``__post_init__``), which
+name the dotted key and the value.  The norm policy's section is ``norms.NormPolicy``.
+``trainer.config`` loads YAML and overrides into it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+from norms.policy import NormPolicy
+from trainer.archs import CLASSIFICATION_ARCHS, DETECTION_ARCHS, task_of
+from trainer.cpus import cpus_available
+
+__all__ = ["BatchRenormConfig", "Config", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the dotted key and the value."""
+
+
+def _one_of(key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, options))}")
+
+
+def _at_least(key: str, value: Any, low: float, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    if value is None or value < low:
+        raise ConfigError(f"{key} must be >= {low}{' or null' if allow_none else ''}, got {value}")
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING  # required: every run has a name (its output folder)
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    deterministic: bool = False
+    # torch's intra-op threads per process: auto (OMP_NUM_THREADS when set, else this
+    # process's share of the CPUs less half of it for the data workers) | an int >= 1.
+    # torch's default (every core) oversubscribes a machine whose cores other processes
+    # or the loader workers also use; see the README's "CPU threads".
+    threads: Any = "auto"
+
+    def __post_init__(self) -> None:
+        _one_of("run.device", self.device, ("auto", "cpu", "cuda"))
+        if self.threads != "auto" and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ConfigError(
+                f"run.threads must be 'auto' or an integer >= 1, got {self.threads!r}"
+            )
+        # The run folder is <output_dir>/<name>: a name that is a path could write outside
+        # output_dir (run.name=.. put config.yaml into output_dir's parent).
+        name = self.name
+        if (
+            not name
+            or name in (".", "..")
+            or any(sep in name for sep in ("/", "\\", "\0"))
+            or Path(name).is_absolute()
+        ):
+            raise ConfigError(
+                f"run.name must be a plain folder name (no '/', '\\', '..' or '.'), got {name!r}"
+            )
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # shapes (generated) | coco | imagefolder
+    root: str = "data/shapes"
+    image_size: int = 96
+    num_train: int = 2000  # shapes only: images generated per split
+    num_val: int = 300
+    num_workers: Any = "auto"  # auto: min(8, CPUs per local process) | an int >= 0
+    # COCO boxes that are empty or reach outside their image: drop (with one warning
+    # naming them) | error
+    bad_boxes: str = "drop"
+    # Start-up check of every COCO image: header (size, chunk structure and a whole file:
+    # PNG's IEND, JPEG's EOI) | full (decode every image); bench/results/image_check.md
+    # gives the cost of each at 2k and 118k images
+    check_images: str = "header"
+    max_image_pixels: int = 89_478_485  # larger images are refused at start-up (PIL's limit)
+
+    def __post_init__(self) -> None:
+        _one_of("data.dataset", self.dataset, ("shapes", "coco", "imagefolder"))
+        _one_of("data.bad_boxes", self.bad_boxes, ("drop", "error"))
+        _one_of("data.check_images", self.check_images, ("header", "full"))
+        _at_least("data.max_image_pixels", self.max_image_pixels, 1)
+        _at_least("data.image_size", self.image_size, 16)
+        _at_least("data.num_train", self.num_train, 1)
+        _at_least("data.num_val", self.num_val, 1)
+        if self.num_workers != "auto" and (
+            isinstance(self.num_workers, bool)
+            or not isinstance(self.num_workers, int)
+            or self.num_workers < 0
+        ):
+            raise ConfigError(
+                f"data.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}"
+            )
+
+    def workers(self, local_world_size: int) -> int:
+        """Loader processes per training process: ``auto`` shares this machine's CPUs
+        among the local training processes, at most 8 each (a GPU step at 1-4 images
+        is starved by 2 workers on a 16-core box; past 8, workers only add memory)."""
+        if self.num_workers != "auto":
+            return self.num_workers
+        return max(1, min(8, cpus_available() // max(1, local_world_size)))
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "fcos_resnet18_fpn"
+    num_classes: int = 3
+    fpn_channels: int = 64
+    backbone_weights: str | None = None  # local path to torchvision backbone weights
+
+    def __post_init__(self) -> None:
+        _one_of("model.arch", self.arch, DETECTION_ARCHS + CLASSIFICATION_ARCHS)
+        _at_least("model.num_classes", self.num_classes, 1)
+        _at_least("model.fpn_channels", self.fpn_channels, 1)
+
+    @property
+    def task(self) -> str:
+        return task_of(self.arch)
+
+
+@dataclass
+class TrainConfig:
+    per_device_batch: int = 4  # samples in one forward pass of one process
+    grad_accum: int = 1  # micro-batches per optimizer step (does not enlarge norm batches)
+    max_steps: int = 500  # optimizer steps
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01  # at ref_batch; scaled linearly with the global batch
+    ref_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    clip_grad_norm: float | None = 10.0
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False  # classifiers whole; detectors: backbone + FPN only
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no codegen)
+    cuda_graphs: str = "auto"  # auto | true | false: capture forward+backward (CUDA only)
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: evaluate at the end only
+
+    def __post_init__(self) -> None:
+        _at_least("train.per_device_batch", self.per_device_batch, 1)
+        _at_least("train.grad_accum", self.grad_accum, 1)
+        _at_least("train.max_steps", self.max_steps, 1)
+        _one_of("train.optimizer", self.optimizer, ("sgd", "adamw"))
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        _at_least("train.ref_batch", self.ref_batch, 1)
+        if not 0.0 <= self.momentum < 1.0:  # also refuses nan
+            raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
+        _at_least("train.weight_decay", self.weight_decay, 0)
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        _at_least("train.clip_grad_norm", self.clip_grad_norm, 0, allow_none=True)
+        _one_of("train.amp", self.amp, ("none", "bf16", "fp16"))
+        # YAML and key=value turn true/false into booleans; the field keeps the words.
+        self.cuda_graphs = str(self.cuda_graphs).lower()
+        _one_of("train.cuda_graphs", self.cuda_graphs, ("auto", "true", "false"))
+        _at_least("train.log_interval", self.log_interval, 1)
+        _at_least("train.eval_interval", self.eval_interval, 0)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # optimizer steps between checkpoints (and one at the end)
+    keep: int = 3  # newest checkpoints kept
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint.interval", self.interval, 1)
+        _at_least("checkpoint.keep", self.keep, 1)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "normpilot"
+    entity: str | None = None
+    # Seconds wandb.init may take (online: reaching the server) before the run goes on
+    # without wandb; metrics.jsonl is written either way.
+    init_timeout: float = 90.0
+
+    def __post_init__(self) -> None:
+        _one_of("wandb.mode", self.mode, ("online", "offline", "disabled"))
+        if not (self.init_timeout > 0 and math.isfinite(self.init_timeout)):
+            raise ConfigError(f"wandb.init_timeout must be > 0, got {self.init_timeout}")
+
+
+@dataclass
+class NormOverrideConfig:
+    backbone: str | None = None  # null: let the policy decide
+    neck: str | None = None
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        from norms import available_norms
+
+        for part in ("backbone", "neck", "head"):
+            kind = getattr(self, part)
+            if kind is not None and kind not in available_norms():
+                raise ConfigError(
+                    f"norm.override.{part}={kind!r} is not a norm kind; valid kinds: "
+                    f"{', '.join(available_norms())}"
+                )
+
+
+@dataclass
+class BatchRenormConfig:
+    rmax: float = 3.0
+    dmax: float = 5.0
+    # Weight of the new batch in the running statistics (PyTorch's convention; Keras's
+    # renorm_momentum=0.99 is 0.01 here).  0.01 from the classification study: of the
+    # three variants it measured (bench/results/study_cls.md), momentum 0.01 with a ramp
+    # over the first quarter of the run had the best mean below min_batch (B = 8 and 4,
+    # with or without precise BN) and over all batches; the library's layers keep
+    # BatchNorm's 0.1 so they stay drop-in replacements.
+    momentum: float = 0.01
+    # The clip-limit schedule, in training forwards: an int, or a float in (0, 1] for a
+    # fraction of the run (train.max_steps x train.grad_accum forwards).  Plain BN for
+    # hold_steps, then rmax ramps to its value at warmup_steps and dmax at d_warmup_steps
+    # (null: with rmax).  The paper's Inception-v3 run: hold 5k, dmax by 25k, rmax by 40k
+    # (measured as the "paper's schedule" variant: hold 0.125, d 0.625, r 1.0).
+    hold_steps: Any = 0
+    warmup_steps: Any = 0.25
+    d_warmup_steps: Any = None
+
+    def __post_init__(self) -> None:
+        _at_least("norm.brn.rmax", self.rmax, 1.0)
+        _at_least("norm.brn.dmax", self.dmax, 0.0)
+        if not 0.0 < self.momentum <= 1.0:
+            raise ConfigError(f"norm.brn.momentum must be in (0, 1], got {self.momentum}")
+        for key in ("hold_steps", "warmup_steps", "d_warmup_steps"):
+            value = getattr(self, key)
+            if value is None and key == "d_warmup_steps":
+                continue
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
+                isinstance(value, float) and 0.0 < value <= 1.0
+            )
+            if not ok:
+                raise ConfigError(
+                    f"norm.brn.{key} must be an integer >= 0 (forwards) or a float in (0, 1] "
+                    f"(a fraction of the run), got {value!r}"
+                )
+
+    def layer_kwargs(self, forwards: int) -> dict:
+        """Batch Renorm constructor keywords for a run of ``forwards`` training forwards."""
+
+        def steps(v):
+            return v if v is None or isinstance(v, int) else round(v * forwards)
+
+        return dict(
+            rmax=self.rmax,
+            dmax=self.dmax,
+            momentum=self.momentum,
+            hold_steps=steps(self.hold_steps),
+            warmup_steps=steps(self.warmup_steps),
+            d_warmup_steps=steps(self.d_warmup_steps),
+        )
+
+
+@dataclass
+class PreciseBNConfig:
+    # auto: on when a BatchNorm-family layer that learns running statistics trains at a
+    # per-device batch below norm.policy.min_batch (its moving average is then noisy).
+    enabled: str = "auto"  # auto | true | false
+    # Batches of train.per_device_batch per recalibration, before every eval and save.
+    num_batches: int = 50
+
+    def __post_init__(self) -> None:
+        self.enabled = str(self.enabled).lower()  # YAML/CLI true/false arrive as booleans
+        _one_of("norm.precise_bn.enabled", self.enabled, ("auto", "true", "false"))
+        _at_least("norm.precise_bn.num_batches", self.num_batches, 1)
+
+
+@dataclass
+class NormConfig:
+    policy: NormPolicy = field(default_factory=NormPolicy)  # norms/policy.py documents it
+    precise_bn: PreciseBNConfig = field(default_factory=PreciseBNConfig)
+    override: NormOverrideConfig = field(default_factory=NormOverrideConfig)
+    brn: BatchRenormConfig = field(default_factory=BatchRenormConfig)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        _one_of("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        _at_least("dist.timeout_s", self.timeout_s, 1)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
