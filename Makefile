@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train demo test lint bench bench-threads bench-image-check study study-cls study-det clean
+.PHONY: install train demo test lint docs bench bench-threads bench-image-check study study-cls study-det clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,19 +29,24 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Every results table in README.md and docs/ regenerated from bench/results/ (a test
+# fails when one is stale).
+docs: $(STAMP)
+	$(PY) docs/generate.py
+
 # Speed: per-layer norms table, then trainer overhead / data pipeline / DDP (~9 min).
 bench: $(STAMP)
-	$(PY) bench/layers.py
-	$(PY) bench/speed.py
+	$(PY) -m bench.layers
+	$(PY) -m bench.speed
 
 # Training images/s with run.threads=auto against torch's default threads, 1 and 2 processes.
 bench-threads: $(STAMP)
-	$(PY) bench/threads.py
+	$(PY) -m bench.threads
 
 # Start-up cost of the image check (header / full decode) at 2k and 118k COCO-size JPEGs;
 # needs ~10 GB in $$TMPDIR for a while (the 118k files), root for the cold-cache cells.
 bench-image-check: $(STAMP)
-	$(PY) bench/image_check.py
+	$(PY) -m bench.image_check
 
 # The small-batch studies; both keep one file per finished cell and continue where they
 # stopped.  `--quick` versions run in make test.
@@ -53,15 +58,15 @@ study: study-cls study-det
 
 STUDY_NORMS := bn brn brn_m01 brn_paper gn
 study-cls: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study.py --norms $(STUDY_NORMS) --seeds 5
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m bench.study --norms $(STUDY_NORMS) --seeds 5
 
 # The detection grid: bn, brn, gn_ws, auto at B=16..1 and syncbn, syncbrn, auto2 on 2
 # gloo processes at B=4, 2, 1; 3 seeds, 5 at B=8 and 2 x 2 (lines within a point there:
 # brn and gn_ws, syncbn and syncbrn); then the report over the whole grid.
 study-det: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study_det.py --seeds 3
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) bench/study_det.py --seeds 5 --batches 8 --sync-batches 2
-	$(PY) bench/study_det.py --report-only --seeds 5 --no-wandb
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m bench.study_det --seeds 3
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m bench.study_det --seeds 5 --batches 8 --sync-batches 2
+	$(PY) -m bench.study_det --report-only --seeds 5 --no-wandb
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results/wandb bench/results/*_quick.*

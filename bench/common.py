@@ -31,13 +31,34 @@ def machine() -> str:
     return desc
 
 
+def write_results(out: Path, name: str, rows, caption: str, table: str) -> None:
+    """``out/name.json`` (the rows) and ``out/name.md`` (caption, then the table), the
+    pair every bench writes; the table is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"{name}.md").write_text(f"{caption}\n\n{table}\n")
+    print(table)
+
+
+def recipe_of(args, *keys: str) -> dict:
+    """The named command-line values, as the recipe a study records in every cell (a
+    changed value re-runs the cells that recorded the old one)."""
+    return {k: getattr(args, k) for k in keys}
+
+
+def sync_device(device) -> None:
+    """Wait for queued GPU work before reading a clock (a no-op on the CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _matches(row: dict, keys: dict) -> bool:
     return all(row.get(k) == v for k, v in keys.items())
 
 
 class CellStore:
     """One JSON file per finished study cell, reused when present with the same recipe:
-    a grid that a session's end interrupts continues where it stopped."""
+    a grid that is interrupted continues where it stopped."""
 
     def __init__(self, folder: Path, name):
         self.folder, self.name = Path(folder), name  # name(cell) -> file stem

@@ -2,8 +2,8 @@
 118,287 images: the time ``CocoDetection`` takes to be built, which is what every rank
 spends before the model is built.
 
-    python bench/image_check.py            # writes bench/results/image_check.{json,md}
-    python bench/image_check.py --quick    # 200 images, warm cache only (make test)
+    python -m bench.image_check            # writes bench/results/image_check.{json,md}
+    python -m bench.image_check --quick    # 200 images, warm cache only (make test)
 
 The images are JPEGs at COCO's sizes (640 px on the long side, landscape and portrait),
 each a distinct file with its own bytes, so a cold page cache reads every one from disk.
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from bench.common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -130,14 +132,11 @@ def main() -> None:
             f"| {r['images']:,} | {r['check_images']} | {r['cache']} | {r['seconds']:.1f} | "
             f"{r['ms_per_image']:.2f} |"
         )
-    table = "\n".join(lines)
-    (a.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    cpu = os.cpu_count()
-    (a.out / f"{name}.md").write_text(
+    caption = (
         f"Building the COCO dataset (annotation file read and checked, every image checked), "
-        f"one process, JPEGs at COCO's sizes, {cpu} CPUs (bench/image_check.py)\n\n{table}\n"
+        f"one process, JPEGs at COCO's sizes, {os.cpu_count()} CPUs (bench/image_check.py)"
     )
-    print(table)
+    write_results(a.out, name, results, caption, "\n".join(lines))
 
 
 if __name__ == "__main__":

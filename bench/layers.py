@@ -1,6 +1,6 @@
 """Speed and memory of normpilot's norm layers against nn.BatchNorm2d / nn.Conv2d.
 
-    python bench/layers.py [--repeats 60] [--device cpu|cuda|all] [--out bench/results]
+    python -m bench.layers [--repeats 60] [--device cpu|cuda|all] [--out bench/results]
 
 Every layer's forward+backward is timed *interleaved* with its own nn.BatchNorm2d in one
 process (alternating blocks of steps) and reported as the ratio of medians, so drifts in
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,25 +24,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import machine  # noqa: E402
-
-from norms import (  # noqa: E402
+from bench.common import machine, sync_device
+from norms import (
     BatchRenorm2d,
     SyncBatchNorm,
     SyncBatchRenorm,
     WSConv2d,
     group_norm,
 )
-from trainer.distributed import free_port, spawn_gloo  # noqa: E402
+from trainer.distributed import free_port, spawn_gloo
 
 SHAPES = [(8, 64, 56, 56), (4, 256, 28, 28), (2, 32, 112, 112)]
 CONV_SHAPE = (4, 256, 32, 32)
-TARGETS = {  # (layer, device) -> max ratio, from the issue
+TARGETS = {  # (layer, device) -> max ratio: the project's speed targets
     ("brn", "cpu"): 1.10,
     ("brn_ramp", "cpu"): 1.10,
     # Eager on a GPU a layer this small is bound by op dispatch on the host: BRN's extra
-    # per-channel ops cannot hide there (issue 13's target; under CUDA graphs see models.py).
+    # per-channel ops cannot hide there (the target; under CUDA graphs see models.py).
     ("brn", "cuda"): 1.5,
     ("brn_ramp", "cuda"): 1.5,
     ("syncbn_1rank", "cpu"): 1.10,
@@ -66,11 +63,6 @@ def norm_layers(c: int) -> dict[str, nn.Module]:
     }
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def interleaved(layers: dict[str, nn.Module], shape, device: str, repeats: int, block=3):
     """Median forward+backward seconds of each layer, timed round-robin.
 
@@ -88,12 +80,12 @@ def interleaved(layers: dict[str, nn.Module], shape, device: str, repeats: int, 
     for i in range(repeats):
         for name in order[i % len(order) :] + order[: i % len(order)]:
             layer = layers[name]
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             for _ in range(block):
                 x.grad = None
                 layer(x).backward(dy)
-            _sync(device)
+            sync_device(device)
             times[name].append((time.perf_counter() - t0) / block)
     return {k: statistics.median(v) for k, v in times.items()}
 

@@ -1,7 +1,7 @@
 """Whole training steps, per model, norm and execution mode: what a user's step costs.
 
-    python bench/models.py --device cuda            # the issue's grid (needs a GPU)
-    python bench/models.py --device cpu --quick     # small models, smoke-test size
+    python -m bench.models --device cuda            # the full grid (needs a GPU)
+    python -m bench.models --device cpu --quick     # small models, smoke-test size
 
 Cases: ResNet-50 at 224 px, batch 4 and 32 (classification); FCOS-R50-FPN at 640 px,
 batch 2 (detection; the head is GroupNorm + WS as the policy builds it).  Norms in the
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,16 +29,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from common import machine  # noqa: E402
+from bench.common import machine, sync_device
+from norms import NormChoice
+from trainer.distributed import free_port
+from trainer.graphs import capture
+from trainer.models import build_model
+from trainer.step import train_step
+from trainer.training import Training, compile_static_part
 
-from norms import NormChoice  # noqa: E402
-from trainer.distributed import free_port  # noqa: E402
-from trainer.graphs import capture  # noqa: E402
-from trainer.loop import train_step  # noqa: E402
-from trainer.models import build_model  # noqa: E402
-from trainer.training import Training, compile_static_part  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # (name, arch, image size, batch)
 FULL = [
@@ -122,11 +120,6 @@ def _hand_step(t: Training, batch) -> None:
     t.optimizer.zero_grad(set_to_none=True)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(steps: dict, device: str, repeats: int, block: int) -> dict[str, float]:
     """Median seconds per step of each callable, timed round-robin in blocks."""
     for fn in steps.values():
@@ -136,11 +129,11 @@ def measure(steps: dict, device: str, repeats: int, block: int) -> dict[str, flo
     order = list(steps)
     for i in range(repeats):
         for name in order[i % len(order) :] + order[: i % len(order)]:
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             for _ in range(block):
                 steps[name]()
-            _sync(device)
+            sync_device(device)
             times[name].append((time.perf_counter() - t0) / block)
     return {k: statistics.median(v) for k, v in times.items()}
 

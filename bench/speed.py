@@ -1,7 +1,7 @@
 """What the training service costs: trainer vs a hand-written loop, the data pipeline,
 and DDP over gloo on the CPU.
 
-    python bench/speed.py [--quick] [--repeats 5] [--device cpu|cuda] [--out bench/results]
+    python -m bench.speed [--quick] [--repeats 5] [--device cpu|cuda] [--out bench/results]
 
 ``--device cuda`` runs the trainer and the hand loop on the GPU (``speed_cuda.*``; the
 CPU-only DDP-over-gloo section is skipped there).
@@ -40,16 +40,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from common import machine  # noqa: E402
+from bench.common import machine, sync_device
+from norms import convert_norms
+from trainer.config import load_config
+from trainer.distributed import DistEnv, spawn_gloo
+from trainer.loop import train
+from trainer.plan import plan_run
+from trainer.training import build_training, load_datasets, loader_factory
 
-from norms import convert_norms  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.distributed import DistEnv, spawn_gloo  # noqa: E402
-from trainer.loop import train  # noqa: E402
-from trainer.plan import plan_run  # noqa: E402
-from trainer.training import build_training, load_datasets, loader_factory  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
 # Where the trainer and hand-loop steps run (--device); loading is always on the CPU.
@@ -63,11 +62,6 @@ QUIET = [
     "train.eval_interval=0",
     "norm.precise_bn.enabled=false",
 ]
-
-
-def _sync() -> None:
-    if RUN.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _config(preset: str, overrides: list[str]):
@@ -95,7 +89,7 @@ def _trainer_seconds(preset: str, overrides: list[str], steps: int, in_memory: _
         run_cfg = _config(preset, [*overrides, f"run.output_dir={tmp}", f"train.max_steps={steps}"])
         t0 = time.perf_counter()
         train(run_cfg, RUN, loader=in_memory)
-        _sync()
+        sync_device(RUN.device)
         return time.perf_counter() - t0
 
 
@@ -130,11 +124,11 @@ def _hand_loop_seconds(preset, overrides, batches: list, steps: int, warmup: int
 
     for i in range(warmup):
         step(batches[i % len(batches)])
-    _sync()
+    sync_device(RUN.device)
     t0 = time.perf_counter()
     for i in range(steps):
         step(batches[i % len(batches)])
-    _sync()
+    sync_device(RUN.device)
     return time.perf_counter() - t0
 
 

@@ -1,7 +1,7 @@
 """The detection study: COCO mAP of the default FCOS preset vs per-device batch, per norm.
 
-    python bench/study_det.py              # the grid (a few CPU hours; resumable)
-    python bench/study_det.py --quick      # 2 batch sizes, 1 seed, a few steps (~2 min)
+    python -m bench.study_det              # the grid (a few CPU hours; resumable)
+    python -m bench.study_det --quick      # 2 batch sizes, 1 seed, a few steps (~2 min)
 
 Every cell is a real run of the trainer (``trainer.loop.train``, in process; the
 2-process cells on 2 gloo processes over 127.0.0.1) on the embedded shapes detection
@@ -24,7 +24,7 @@ which (``same_as``).
 
 Each finished cell is one JSON file in ``<out>/study_det_cells/``, reused when present
 with the same recipe.  One-process cells run ``--jobs`` at a time, one thread each.
-Writes ``study_det.json`` (the issue's schema; metric mAP@.5, with mAP@[.5:.95] beside
+Writes ``study_det.json`` (the results schema; metric mAP@.5, with mAP@[.5:.95] beside
 it), ``study_det.md`` and ``study_det.png``; and, unless --no-wandb, one offline wandb run
 per training run (WANDB_MODE decides), grouped per cell (``det_<line>_b<B>_w<world>``).
 """
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -44,20 +43,24 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from common import AUTO2_STYLE, AUTO_STYLE, CellStore, log_runs_wandb, machine, plot_vs_batch  # noqa: E402
+from bench.common import (
+    CellStore,
+    log_runs_wandb,
+    machine,
+    recipe_of,
+)
+from bench.stats import run_steps
+from bench.study_det_report import AUTO, LINES, SYNC, markdown, plot, schema, summarize
+from norms import available_norms, is_renorm_kind
+from trainer.config import BatchRenormConfig, load_config
+from trainer.distributed import DistEnv, spawn_gloo
+from trainer.loop import train
+from trainer.plan import plan_run
 
-from trainer.config import BatchRenormConfig, load_config  # noqa: E402
-from trainer.distributed import DistEnv, spawn_gloo  # noqa: E402
-from trainer.loop import train  # noqa: E402
-from trainer.plan import plan_run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = ROOT / "configs" / "shapes_det.yaml"
 
-LINES = ("bn", "brn", "gn_ws", "auto", "syncbn", "syncbrn", "auto2")
-SYNC = ("syncbn", "syncbrn", "auto2")  # the lines run on 2 processes of B each
-AUTO = {"auto": ("bn", "brn", "gn_ws"), "auto2": ("syncbn", "syncbrn")}  # vs these lines
 OVERRIDES = {  # what each line sets on top of the recipe
     "bn": ["norm.override.backbone=bn", "norm.override.neck=bn", "norm.precise_bn.enabled=false"],
     "brn": [
@@ -81,9 +84,14 @@ OVERRIDES = {  # what each line sets on top of the recipe
 }
 
 
+def _renorm(name: str) -> bool:
+    """A line or kind that is Batch Renorm (lines such as gn_ws are not kinds)."""
+    return name in available_norms() and is_renorm_kind(name)
+
+
 def overrides(cell: dict, out_dir: str) -> list[str]:
     world = cell["world"]
-    steps = max(1, cell["samples"] // (cell["batch"] * world))
+    steps = run_steps(cell, cell["batch"] * world)
     return [
         f"data.root={cell['data_root']}",
         f"data.image_size={cell['image_size']}",
@@ -148,145 +156,6 @@ def _sync_worker(rank: int, world: int, cell: dict, out: str) -> None:
         Path(out).write_text(json.dumps(row))
 
 
-def summarize(rows: list[dict]) -> dict:
-    """(line, batch) -> seeds, mAP50 and mAP values (seed order), means and stds."""
-    cells: dict[tuple[str, int], dict] = {}
-    for r in sorted(rows, key=lambda r: r["seed"]):
-        c = cells.setdefault((r["line"], r["batch"]), {"seeds": [], "map50": [], "map": []})
-        c["seeds"].append(r["seed"])
-        c["map50"].append(100 * r["mAP50"])
-        c["map"].append(100 * r["mAP"])
-        # What the backbone (and FPN) trained with; the head is GN + WS in every line.
-        ws = "+ws" if r.get("ws", {}).get("backbone") else ""
-        c["picked"] = r["kinds"]["backbone"] + ws + ("+precise_bn" if r["precise_bn"] else "")
-        if r.get("same_as"):
-            c["same_as"] = r["same_as"]
-    for c in cells.values():
-        for k in ("map50", "map"):
-            c[f"{k}_mean"] = statistics.fmean(c[k])
-            c[f"{k}_std"] = statistics.stdev(c[k]) if len(c[k]) > 1 else 0.0
-    return cells
-
-
-def schema(cells: dict) -> dict:
-    out = []
-    for (line, b), c in sorted(cells.items(), key=lambda kv: (LINES.index(kv[0][0]), -kv[0][1])):
-        entry = {
-            "norm": "auto" if line in AUTO else line,
-            "batch": b,
-            "world": 2 if line in SYNC else 1,
-            "seeds": c["seeds"],
-            "values": c["map50"],
-            "values_map_50_95": c["map"],
-        }
-        if line in AUTO:
-            entry["picked"] = c["picked"]
-            if "same_as" in c:
-                entry["same_as"] = c["same_as"]
-        out.append(entry)
-    return {"metric": "COCO mAP@.5 (%); values_map_50_95: mAP@[.5:.95] (%)", "cells": out}
-
-
-def markdown(cells: dict, meta: dict) -> str:
-    batches = sorted({b for _, b in cells}, reverse=True)
-    lines = [
-        f"FCOS ResNet-18 FPN on shapes detection ({meta['image_size']} px, "
-        f"{meta['num_train']} train / {meta['num_val']} val images), {meta['samples']} "
-        f"training samples per run, mean ± std over each cell's n seeds (of {meta['seeds']}); "
-        f"{meta['train_min']:.0f} min of training summed over the runs. B = per-device "
-        f"batch (syncbn/syncbrn/auto2: 2 processes x B). {meta['date']}, {meta['machine']}.",
-    ]
-    for key, title in (("map50", "mAP@.5 (%)"), ("map", "mAP@[.5:.95] (%)")):
-        lines += ["", f"{title}:", "", "| line | " + " | ".join(f"B={b}" for b in batches) + " |"]
-        lines.append("|" + "---|" * (len(batches) + 1))
-        for line in LINES:
-            row = []
-            for b in batches:
-                c = cells.get((line, b))
-                if c is None:
-                    row.append("–")
-                    continue
-                text = f"{c[f'{key}_mean']:.1f} ± {c[f'{key}_std']:.1f} (n={len(c[key])})"
-                same = f", = {c['same_as']}" if "same_as" in c else ""
-                row.append(f"{text} ({c['picked']}{same})" if line in AUTO else text)
-            lines.append(f"| {line} | " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "auto against the best line of as many processes (auto: bn, brn, gn_ws; auto2, the "
-        "policy on 2 processes: syncbn, syncbrn), mAP@.5, paired by seed:",
-        "",
-    ]
-    lines += [
-        "| line | B | auto | best | paired difference | bar | met |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for auto, b in ((auto, b) for auto in AUTO for b in batches):
-        if (auto, b) not in cells:
-            continue
-        others = [n for n in AUTO[auto] if (n, b) in cells]
-        if not others:
-            continue
-        best = max(others, key=lambda n: cells[n, b]["map50_mean"])
-        a, c = cells[auto, b], cells[best, b]
-        common = sorted(set(a["seeds"]) & set(c["seeds"]))
-        d = [a["map50"][a["seeds"].index(s)] - c["map50"][c["seeds"].index(s)] for s in common]
-        se = c["map50_std"] / max(1, len(c["map50"])) ** 0.5
-        bar = c["map50_mean"] - max(1.0, 2 * se)
-        std = statistics.stdev(d) if len(d) > 1 else 0.0
-        lines.append(
-            f"| {auto} | {b} | {a['map50_mean']:.1f} ({a['picked']}) | {best} "
-            f"{c['map50_mean']:.1f} (n={len(c['map50'])}) | "
-            f"{statistics.fmean(d):+.1f} ± {std:.1f} | {bar:.1f} | "
-            f"{'yes' if a['map50_mean'] >= bar else 'NO'} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-LABELS = {
-    "bn": "BN",
-    "brn": "Batch Renorm",
-    "gn_ws": "GN + WS",
-    "auto": "auto policy",
-    "syncbn": "SyncBN (2 procs x B)",
-    "syncbrn": "SyncBRN (2 procs x B)",
-    "auto2": "auto policy (2 procs x B)",
-}
-STYLE = {
-    "auto": AUTO_STYLE,
-    "syncbn": dict(linestyle=":"),
-    "syncbrn": dict(linestyle=":"),
-    "auto2": AUTO2_STYLE,
-}
-
-
-def plot(cells: dict, meta: dict, path: Path) -> None:
-    batches = sorted({b for _, b in cells}, reverse=True)
-    panels = [
-        (
-            ylabel,
-            [
-                (
-                    LABELS[line],
-                    {
-                        b: (c[f"{key}_mean"], c[f"{key}_std"])
-                        for (n, b), c in cells.items()
-                        if n == line
-                    },
-                    STYLE.get(line, {}),
-                )
-                for line in LINES
-                if any(n == line for n, _ in cells)
-            ],
-        )
-        for key, ylabel in (("map50", "mAP@.5 (%)"), ("map", "mAP@[.5:.95] (%)"))
-    ]
-    title = (
-        f"FCOS ResNet-18 FPN on shapes ({meta['image_size']} px), {meta['samples']} samples "
-        f"per run, mean ± std over each cell's seeds (of {meta['seeds']})"
-    )
-    plot_vs_batch(panels, batches, path, title)
-
-
 def _report(row: dict) -> None:
     print(
         f"{row['line']:>8} B={row['batch']:<3} seed {row['seed']}: mAP@.5 "
@@ -295,7 +164,7 @@ def _report(row: dict) -> None:
     )
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--lines", nargs="+", default=list(LINES), choices=LINES)
@@ -315,22 +184,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--data-root", default=str(ROOT / "data" / "shapes"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.batches, args.sync_batches, args.seeds, args.samples = [8, 2], [2], 1, 16
-        args.num_train, args.num_val = 32, 8
-    if min(args.batches + args.sync_batches) < 1 or args.seeds < 1 or args.samples < 1:
-        ap.error("--batches, --sync-batches, --seeds and --samples must be >= 1")
-    out = Path(args.out)
-    name = "study_det_quick" if args.quick else "study_det"
-    store = CellStore(out / f"{name}_cells", lambda c: f"{c['line']}_b{c['batch']}_s{c['seed']}")
-    recipe = dict(
-        samples=args.samples,
-        image_size=args.image_size,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        data_root=args.data_root,
-    )
+    return ap
+
+
+def _grid(args) -> tuple[list[dict], dict[int, dict]]:
+    """The grid's cells, and for each auto cell whose plan is another line's (same
+    signature, batch and seed) that line's cell: it is the same run."""
+    recipe = recipe_of(args, "samples", "image_size", "num_train", "num_val", "data_root")
     brn = dataclasses.asdict(BatchRenormConfig())  # recorded: a new default reruns the cells
     cells = [
         dict(
@@ -339,60 +199,51 @@ def main(argv=None) -> int:
             world=2 if line in SYNC else 1,
             seed=s,
             **recipe,
-            **({"brn": brn} if line in ("brn", "syncbrn") else {}),
+            **({"brn": brn} if _renorm(line) else {}),
         )
         for s in range(args.seeds)
         for line in args.lines
         for b in (args.sync_batches if line in SYNC else args.batches)
     ]
-    # auto cells that resolve to another line's plan are that line's run (see above)
     same_as = {}
     for c in (c for c in cells if c["line"] in AUTO):
         twins = [o for o in cells if o["line"] in AUTO[c["line"]] and o["batch"] == c["batch"]]
         twins = [o for o in twins if o["seed"] == c["seed"]]
         sig = plan_signature(c)
-        if any(kind in ("brn", "syncbrn") for _, kind, _, _ in sig[0]):
+        if any(_renorm(kind) for _, kind, _, _ in sig[0]):
             c["brn"] = brn  # the policy's Batch Renorm: its settings are the cell's recipe
         match = next((o for o in twins if plan_signature(o) == sig), None)
         if match is not None:
             same_as[id(c)] = match
-    runs = [c for c in cells if id(c) not in same_as]
-    rows = [r for c in runs if (r := store.get(c)) is not None]
-    print(f"{len(rows)} of {len(runs)} cells already in {store.folder}", flush=True)
-    todo = [] if args.report_only else [c for c in runs if store.get(c) is None]
+    return cells, same_as
+
+
+def _train_missing(store: CellStore, todo: list[dict], jobs: int) -> None:
     # One-process cells: smallest batch (the longest runs) first, so the pool's last jobs
     # are short ones.  2-process cells run one at a time, seed by seed, so a grid cut
-    # short by a session's end still has every cell at the seeds it reached.
-    todo.sort(key=lambda c: (c["batch"],) if c["world"] == 1 else (c["seed"], c["batch"]))
-    with mp.get_context("spawn").Pool(max(1, args.jobs)) as pool:
+    # short by an interruption still has every cell at the seeds it reached.
+    todo = sorted(todo, key=lambda c: (c["batch"],) if c["world"] == 1 else (c["seed"], c["batch"]))
+    with mp.get_context("spawn").Pool(max(1, jobs)) as pool:
         for row in pool.imap_unordered(_single, [c for c in todo if c["world"] == 1]):
-            rows.append(store.put(row))
-            _report(row)
+            _report(store.put(row))
     # 2-process cells alone: next to other runs each gloo collective waits for a
     # descheduled peer.
     torch.set_num_threads(1)
     for c in (c for c in todo if c["world"] > 1):
         with tempfile.TemporaryDirectory() as tmp:
             spawn_gloo(_sync_worker, 2, c, f"{tmp}/row.json", timeout=None)
-            rows.append(store.put(json.loads(Path(f"{tmp}/row.json").read_text())))
-        _report(rows[-1])
-    for c in cells:
-        if id(c) in same_as and (twin := store.get(same_as[id(c)])) is not None:
-            rows.append({**twin, "line": c["line"], "same_as": twin["line"]})
+            _report(store.put(json.loads(Path(f"{tmp}/row.json").read_text())))
+
+
+def _write(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) -> str:
+    """The JSON, the markdown table and the plot (and the wandb runs); returns the table."""
     summary = summarize(rows)
-    meta = dict(
-        date=date.today().isoformat(),
-        machine=machine(),
-        seeds=list(range(args.seeds)),
-        train_min=sum(r["train_s"] for r in rows if "same_as" not in r) / 60,
-        **recipe,
-    )
     record = {**schema(summary), "meta": meta, "runs": rows}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     table = markdown(summary, meta)
     (out / f"{name}.md").write_text(table)
     plot(summary, meta, out / f"{name}.png")
-    if not args.no_wandb:
+    if use_wandb:
         n = log_runs_wandb(
             [r for r in rows if "same_as" not in r],  # an auto twin is another line's run
             out,
@@ -402,7 +253,38 @@ def main(argv=None) -> int:
             results=("mAP50", "mAP", "train_s"),
         )
         print(f"wandb: {n} new runs, grouped per cell, under {out}/wandb")
-    print(table)
+    return table
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batches, args.sync_batches, args.seeds, args.samples = [8, 2], [2], 1, 16
+        args.num_train, args.num_val = 32, 8
+    if min(args.batches + args.sync_batches) < 1 or args.seeds < 1 or args.samples < 1:
+        ap.error("--batches, --sync-batches, --seeds and --samples must be >= 1")
+    out = Path(args.out)
+    name = "study_det_quick" if args.quick else "study_det"
+    store = CellStore(out / f"{name}_cells", lambda c: f"{c['line']}_b{c['batch']}_s{c['seed']}")
+    cells, same_as = _grid(args)
+    runs = [c for c in cells if id(c) not in same_as]
+    stored = sum(store.get(c) is not None for c in runs)
+    print(f"{stored} of {len(runs)} cells already in {store.folder}", flush=True)
+    if not args.report_only:
+        _train_missing(store, [c for c in runs if store.get(c) is None], args.jobs)
+    rows = [r for c in runs if (r := store.get(c)) is not None]
+    for c in cells:
+        if id(c) in same_as and (twin := store.get(same_as[id(c)])) is not None:
+            rows.append({**twin, "line": c["line"], "same_as": twin["line"]})
+    meta = dict(
+        date=date.today().isoformat(),
+        machine=machine(),
+        seeds=list(range(args.seeds)),
+        train_min=sum(r["train_s"] for r in rows if "same_as" not in r) / 60,
+        **recipe_of(args, "samples", "image_size", "num_train", "num_val", "data_root"),
+    )
+    print(_write(rows, meta, out, name, not args.no_wandb))
     return 0
 
 

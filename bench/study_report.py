@@ -1,16 +1,14 @@
-"""The small-batch study's reports: summary per cell, Markdown tables, the plot, the
-wandb run; and ``render``, which rebuilds them from saved (and merged) study JSONs."""
+"""The classification study's report: the summary per cell (with the 2-process lines read
+from their 1-process twins and the policy's lines), the results schema, the markdown
+tables and the plot.  bench/study_output.py writes them."""
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import uuid
 from pathlib import Path
 
-from common import AUTO2_STYLE, AUTO_STYLE, log_runs_wandb, plot_vs_batch
-
+from bench.common import AUTO2_STYLE, AUTO_STYLE, plot_vs_batch
+from bench.stats import acceptance_bar, mean_std, paired_differences, run_steps
 from norms import NormPolicy, select_norm
 
 NORMS = ("bn", "brn", "brn_m01", "brn_paper", "gn", "syncbn", "syncbrn")
@@ -28,7 +26,7 @@ LABELS = {
 }
 LINES = (*NORMS, "gn2", *(f"{n}+pbn" for n in NORMS), "auto", "auto2")
 LABELS.update({f"{n}+pbn": f"{LABELS[n]} + precise BN" for n in NORMS})
-# Line names in the issue's JSON schema (study_cls.json): gn is GroupNorm + WS, and the
+# Line names in the results JSON schema (study_cls.json): gn is GroupNorm + WS, and the
 # 2-process policy line is "auto" at world 2.
 SCHEMA_NORM = {"gn": "gn_ws", "gn2": "gn_ws", "auto2": "auto"}
 TWO_PROCESS = ("syncbn", "syncbrn", "gn2", "auto2")
@@ -75,12 +73,16 @@ def summarize(rows: list[dict], batches: list[int], policy: NormPolicy, spatial:
         for c in per_batch.values():
             if "mean" in c:
                 continue
-            c["mean"] = statistics.fmean(c["accs"])
-            c["std"] = statistics.stdev(c["accs"]) if len(c["accs"]) > 1 else 0.0
-            c["loss_mean"] = statistics.fmean(c["losses"])
-            c["loss_std"] = statistics.stdev(c["losses"]) if len(c["losses"]) > 1 else 0.0
+            c["mean"], c["std"] = mean_std(c["accs"])
+            c["loss_mean"], c["loss_std"] = mean_std(c["losses"])
             if c.get("clips"):
                 c["clip"] = {k: statistics.fmean(x[k] for x in c["clips"]) for k in c["clips"][0]}
+    _read_two_process_from_twins(cells, batches)
+    _policy_lines(cells, batches, policy, spatial)
+    return cells
+
+
+def _read_two_process_from_twins(cells: dict, batches: list[int]) -> None:
     # A 2-process cell of B trains exactly like the 1-process cell of 2B: the same samples
     # per step (a 2-process step slices the 1-process one, flips included), the same
     # initial weights, DDP's mean gradient is the 2B batch's, and SyncBN / SyncBRN / GN
@@ -95,6 +97,9 @@ def summarize(rows: list[dict], batches: list[int], policy: NormPolicy, spatial:
                     dst[b] = {**src[2 * b], "same_as": f"{one}{suffix}, 1 process, B={2 * b}"}
             if not dst:
                 del cells[two + suffix]
+
+
+def _policy_lines(cells: dict, batches: list[int], policy: NormPolicy, spatial: int) -> None:
     # The policy's pick at each batch size, for 1 process and for the 2-process cells,
     # with precise BN where the policy turns it on (a BatchNorm-family kind below
     # min_batch) and the runs measured it.
@@ -114,7 +119,6 @@ def summarize(rows: list[dict], batches: list[int], policy: NormPolicy, spatial:
                 auto[b] = {**cells[src][b], "kind": kind, "precise": False}
         if auto:
             cells[line] = auto
-    return cells
 
 
 def smallest_map(meta: dict) -> int:
@@ -130,18 +134,19 @@ def _precise(runs: list[dict]) -> dict:
 
 
 def _stats(accs: list[float], losses: list[float]) -> dict:
+    (mean, std), (loss_mean, loss_std) = mean_std(accs), mean_std(losses)
     return {
         "accs": accs,
         "losses": losses,
-        "mean": statistics.fmean(accs),
-        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        "loss_mean": statistics.fmean(losses),
-        "loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        "mean": mean,
+        "std": std,
+        "loss_mean": loss_mean,
+        "loss_std": loss_std,
     }
 
 
 def schema(cells: dict) -> dict:
-    """The issue's result schema: one entry per (line, batch, world), values per seed."""
+    """The results schema: one entry per (line, batch, world), values per seed."""
     out = []
     for line in LINES:
         for b, c in sorted(cells.get(line, {}).items(), reverse=True):
@@ -180,15 +185,10 @@ def paired_to_best(cells: dict, batches: list[int]) -> list[str]:
             ]
             best = max(candidates, key=lambda n: cells[n][b]["mean"])
             a, c = cells[auto][b], cells[best][b]
-            common = sorted(set(a["seeds"]) & set(c["seeds"]))
-            diffs = [
-                100 * (a["accs"][a["seeds"].index(s)] - c["accs"][c["seeds"].index(s)])
-                for s in common
-            ]
-            mean = statistics.fmean(diffs) if diffs else float("nan")
-            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-            se = 100 * c["std"] / max(1, len(c["accs"])) ** 0.5
-            bar = 100 * c["mean"] - max(1.0, 2 * se)
+            pct = lambda accs: [100 * x for x in accs]  # noqa: E731
+            diffs = paired_differences(pct(a["accs"]), a["seeds"], pct(c["accs"]), c["seeds"])
+            mean, std = mean_std(diffs) if diffs else (float("nan"), 0.0)
+            bar = acceptance_bar(pct(c["accs"]))
             met = 100 * a["mean"] >= bar
             kind = "gn" if a["kind"] == "gn2" else a["kind"]
             lines.append(
@@ -222,12 +222,6 @@ def _table(cells: dict, batches: list[int], fmt) -> list[str]:
                 row.append(fmt(c) + mark)
         lines.append(f"| {LABELS[norm]} | " + " | ".join(row) + " |")
     return lines
-
-
-def run_steps(recipe: dict, global_batch: int) -> int:
-    """Optimizer steps of a run: the recipe's sample budget, but never fewer than its
-    min_steps (why: bench/study.py's docstring; recipes from before the floor have none)."""
-    return max(recipe["samples"] // global_batch, recipe.get("min_steps", 0))
 
 
 def _budget(meta: dict, batches: list[int], short: bool = False) -> str:
@@ -284,31 +278,37 @@ def markdown(cells: dict, batches: list[int], meta: dict) -> str:
         "",
         *paired_to_best(cells, batches),
     ]
+    return "\n".join(lines + _clip_table(cells, batches)) + "\n"
+
+
+def _clip_table(cells: dict, batches: list[int]) -> list[str]:
+    """Batch Renorm's clip diagnostics per measured cell (none: no lines)."""
     clipped = [
         (n, b, cells[n][b]["clip"])
         for n in NORMS
         for b in batches
         if "clip" in cells.get(n, {}).get(b, {}) and "same_as" not in cells[n][b]
     ]
-    if clipped:
-        lines += [
-            "",
-            "Batch Renorm once its limits are fully open (rmax 3, dmax 5): mean over layers and "
-            "seeds of every 10th step; the worst layer in brackets. r = sigma_B / sigma_R, "
-            "d = (mu_B - mu_R) / sigma_R.",
-            "",
-            "| norm | B | mean abs(r - 1) | channels with r at its clip | mean abs(d) | "
-            "channels with d at its clip |",
-            "|---|---|---|---|---|---|",
-        ]
-        for n, b, c in clipped:
-            lines.append(
-                f"| {LABELS[n]} | {b} | {c['r_dev']:.3f} ({c['r_dev_worst_layer']:.3f}) | "
-                f"{100 * c['r_clipped']:.1f}% ({100 * c['r_clipped_worst_layer']:.1f}%) | "
-                f"{c['d_abs']:.3f} ({c['d_abs_worst_layer']:.3f}) | "
-                f"{100 * c['d_clipped']:.1f}% ({100 * c['d_clipped_worst_layer']:.1f}%) |"
-            )
-    return "\n".join(lines) + "\n"
+    if not clipped:
+        return []
+    lines = [
+        "",
+        "Batch Renorm once its limits are fully open (rmax 3, dmax 5): mean over layers and "
+        "seeds of every 10th step; the worst layer in brackets. r = sigma_B / sigma_R, "
+        "d = (mu_B - mu_R) / sigma_R.",
+        "",
+        "| norm | B | mean abs(r - 1) | channels with r at its clip | mean abs(d) | "
+        "channels with d at its clip |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, b, c in clipped:
+        lines.append(
+            f"| {LABELS[n]} | {b} | {c['r_dev']:.3f} ({c['r_dev_worst_layer']:.3f}) | "
+            f"{100 * c['r_clipped']:.1f}% ({100 * c['r_clipped_worst_layer']:.1f}%) | "
+            f"{c['d_abs']:.3f} ({c['d_abs_worst_layer']:.3f}) | "
+            f"{100 * c['d_clipped']:.1f}% ({100 * c['d_clipped_worst_layer']:.1f}%) |"
+        )
+    return lines
 
 
 def _seed_counts(cells: dict, batches: list[int]) -> str:
@@ -350,99 +350,3 @@ def plot(cells: dict, batches: list[int], path: Path, title: str) -> None:
         ]
         panels.append((ylabel, series))
     plot_vs_batch(panels, batches, path, title)
-
-
-def log_wandb(
-    cells: dict, rows: list[dict], batches: list[int], out: Path, png: Path, meta: dict
-) -> str:
-    """An offline wandb run (WANDB_MODE decides) with the raw table, the summary plot and
-    the PNG; returns the run folder."""
-    import wandb
-
-    run = wandb.init(
-        project="normpilot-study",
-        dir=str(out),
-        mode=os.environ.get("WANDB_MODE", "offline"),
-        id=f"summary-{uuid.uuid4().hex[:8]}",  # beside the per-run runs (log_runs_wandb)
-        name="summary",
-        config=meta,
-        reinit="finish_previous",
-    )
-    cols = ["norm", "batch", "seed", "world_size", "steps", "acc", "val_loss", "train_s"]
-    run.log({"runs": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
-    norms = [n for n in LINES if n in cells]
-    run.log(
-        {
-            "accuracy_vs_batch": wandb.plot.line_series(
-                xs=batches,
-                ys=[
-                    [cells[n].get(b, {}).get("mean", float("nan")) for b in batches] for n in norms
-                ],
-                keys=[LABELS[n] for n in norms],
-                title="validation accuracy vs per-device batch",
-                xname="per-device batch",
-            ),
-            "plot": wandb.Image(str(png)),
-        }
-    )
-    folder = run.dir
-    run.finish()
-    return str(Path(folder).parent)
-
-
-def report(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) -> None:
-    """``name``.json (meta, every run, the summary), .md, .png, and the wandb run."""
-    rows = sorted(rows, key=lambda r: (NORMS.index(r["norm"]), -r["batch"], r["seed"]))
-    batches = sorted({r["batch"] for r in rows}, reverse=True)
-    # The policy as it is now (not as recorded when the cells ran), on this network.
-    summary = summarize(rows, batches, NormPolicy(), smallest_map(meta))
-    record = {**schema(summary), "meta": meta, "runs": rows, "summary": _jsonable(summary)}
-    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    table = markdown(summary, batches, meta)
-    (out / f"{name}.md").write_text(table)
-    plot(
-        summary,
-        batches,
-        out / f"{name}.png",
-        f"SmallResNet on shapes ({meta['image_size']} px), {_budget(meta, batches, short=True)}, "
-        f"{_seed_counts(summary, batches)}; eval with running statistics",
-    )
-    if use_wandb:
-        folder = log_wandb(summary, rows, batches, out, out / f"{name}.png", meta)
-        print(f"wandb run: {folder}")
-        n = log_runs_wandb(
-            rows,
-            out,
-            "normpilot-study",
-            group=lambda r: f"cls_{r['norm']}_b{r['batch']}_w{r['world_size']}",
-            name=lambda r: f"cls_{r['norm']}_b{r['batch']}_s{r['seed']}",
-            results=("acc", "val_loss", "acc_precise", "val_loss_precise", "train_s"),
-        )
-        print(f"wandb: {n} new runs, grouped per cell, under {out}/wandb")
-    print(table)
-    print(f"wrote {out}/{name}.json, .md, .png ({meta['wall_min']:.1f} min of training)")
-
-
-def render(study_jsons: list[Path], out: Path, use_wandb: bool) -> int:
-    saved = [json.loads(p.read_text()) for p in study_jsons]
-    meta = dict(saved[0]["meta"])
-    for other in saved[1:]:
-        m = other["meta"]
-        # Merging is only meaningful for runs of the same recipe.
-        skip = ("date", "wall_min", "machine", "merged_wall_min")
-        differ = [k for k in meta if k not in skip and m.get(k) != meta[k]]
-        if differ:
-            raise SystemExit(f"{study_jsons[0]} and a merged file differ in {differ}")
-        # Keyed by the merged file's norms, so merging the same run again changes nothing.
-        norms = ",".join(sorted({r["norm"] for r in other["runs"]}))
-        meta["merged_wall_min"] = {**meta.get("merged_wall_min", {}), norms: m["wall_min"]}
-    # Keyed by cell, later files winning: re-merging an already merged file adds nothing.
-    by_cell = {(r["norm"], r["batch"], r["seed"]): r for s in saved for r in s["runs"]}
-    rows = list(by_cell.values())
-    out.mkdir(parents=True, exist_ok=True)
-    report(rows, meta, out, study_jsons[0].stem, use_wandb)
-    return 0
-
-
-def _jsonable(summary: dict) -> dict:
-    return {norm: {str(b): c for b, c in per.items()} for norm, per in summary.items()}

@@ -1,8 +1,8 @@
 """Training images/s of the default preset with ``run.threads=auto`` against torch's
 default intra-op threads (every CPU), on 1 process and on 2 (torchrun, gloo), side by side.
 
-    python bench/threads.py            # writes bench/results/threads.{json,md}
-    python bench/threads.py --quick    # 6 steps a cell (make test)
+    python -m bench.threads            # writes bench/results/threads.{json,md}
+    python -m bench.threads --quick    # 6 steps a cell (make test)
 
 Each cell is a real ``normpilot train`` of the default config (configs/shapes_det.yaml)
 on a small generated set, so loader workers compete for the cores as they do in a run;
@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -118,13 +120,8 @@ def main() -> None:
             f"| {procs} | {d['images_per_s']:.1f} | {t['images_per_s']:.1f} | "
             f"{t['images_per_s'] / d['images_per_s']:.2f} |"
         )
-    table = "\n".join(lines)
-    (a.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (a.out / f"{name}.md").write_text(
-        f"Default preset, {steps} steps a cell, {results[0]['cpus']} CPUs "
-        f"(bench/threads.py)\n\n{table}\n"
-    )
-    print(table)
+    caption = f"Default preset, {steps} steps a cell, {results[0]['cpus']} CPUs (bench/threads.py)"
+    write_results(a.out, name, results, caption, "\n".join(lines))
 
 
 if __name__ == "__main__":

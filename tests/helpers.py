@@ -108,9 +108,11 @@ def run(cmd, timeout=300) -> subprocess.CompletedProcess:
 
 
 def run_bench(script: str, *args, timeout: int, env: dict | None = None):
-    """``python bench/<script> args...`` as a user runs it; the finished process."""
+    """``python -m bench.<script> args...`` from the repository root, as a user runs it;
+    the finished process."""
+    module = "bench." + script.removesuffix(".py")
     return subprocess.run(
-        [PY, str(ROOT / "bench" / script), *map(str, args)],
+        [PY, "-m", module, *map(str, args)],
         cwd=ROOT,
         env=env or subprocess_env(),
         capture_output=True,

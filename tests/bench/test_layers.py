@@ -18,10 +18,12 @@ def test_groups_only_adds_the_four_process_rows(tmp_path):
     assert "syncbn_groups2of4" in (tmp_path / "layers.md").read_text()
 
 
-def test_sync_cost_model_prints_the_readme_table():
-    proc = run_bench("sync_cost_model.py", timeout=60)
+def test_sync_cost_model_uses_the_policy_s_groups(tmp_path):
+    proc = run_bench("sync_cost_model.py", "--out", tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    rows = [x for x in lines if x.startswith("| ") and "GPUs" not in x]
-    assert [r.split("|")[1].strip() for r in rows] == ["8", "64", "256", "1024"]
-    assert rows[2].rstrip(" |").endswith("51x")  # 256 GPUs: world sync vs groups of 8
+    lines = (tmp_path / "sync_cost_model.md").read_text().splitlines()
+    rows = [x.split("|")[1:-1] for x in lines if x.startswith("| ") and "GPUs" not in x]
+    assert [r[0].strip() for r in rows] == ["8", "64", "256", "1024"]
+    # 2 images per GPU against min_batch 8: groups of 4 ranks, whatever the world
+    assert {r[4].strip() for r in rows} == {"4"}
+    assert rows[2][-1].strip() == "94x"  # 256 GPUs: world sync vs groups of 4

@@ -2,17 +2,13 @@
 rests on (2 processes x B train exactly like 1 process at 2B)."""
 
 import json
-import sys
 
 import pytest
 
-from tests.helpers import ROOT, run_bench, subprocess_env
+from bench import study, study_report
+from norms import NormPolicy
+from tests.helpers import run_bench, subprocess_env
 from tests.trainer.wandb_reader import history, wandb_runs
-
-sys.path.append(str(ROOT / "bench"))  # after the repo root, so `norms` is the package
-import study  # noqa: E402
-
-from norms import NormPolicy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +81,7 @@ def test_quick_mode_writes_table_plot_json_and_wandb(tmp_path):
     # Every BatchNorm-family run was also evaluated after precise BN; GN runs were not.
     for r in runs:
         assert ("acc_precise" in r) == (r["norm"] != "gn")
-    # The issue's schema: one entry per (line, batch, world), one value per seed.
+    # The results schema: one entry per (line, batch, world), one value per seed.
     assert result["metric"].startswith("validation accuracy")
     entries = {(c["norm"], c["batch"], c["world"]): c for c in result["cells"]}
     assert ("gn_ws", 2, 1) in entries and ("syncbn", 16, 2) in entries
@@ -181,7 +177,7 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     policy = NormPolicy()  # min_batch 8, min_values 8
     batches = [16, 8, 4, 2]
     # A 1x1 last stage (the study's network): B values per statistic.
-    cells = study.summarize(rows, batches, policy, spatial=1)
+    cells = study_report.summarize(rows, batches, policy, spatial=1)
     # One process: BN from min_batch up, GroupNorm + WS below (4 and 2 values < 8).
     assert {b: c["kind"] for b, c in cells["auto"].items()} == {16: "bn", 8: "bn", 4: "gn", 2: "gn"}
     # Two processes: local BN at 16 and 8 (a rank's own batch is enough; no 2-process
@@ -194,21 +190,21 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     # measured 2-process cells (syncbn here) are used as they are
     assert "same_as" not in cells["syncbn"][4]
     assert cells["auto2"][4]["mean"] == pytest.approx(0.404)
-    schema = {(c["norm"], c["batch"], c["world"]): c for c in study.schema(cells)["cells"]}
+    schema = {(c["norm"], c["batch"], c["world"]): c for c in study_report.schema(cells)["cells"]}
     assert schema["auto", 2, 2]["picked"] == "gn" and schema["gn_ws", 2, 2]["values"] == [30.4] * 2
     # Every 2-process line is world 2 in the JSON, its precise-BN twin included (a
     # "syncbn+pbn" labelled world 1 would read as a 1-process line beating auto).
     bn_runs = [{**r, "acc_precise": r["acc"], "val_loss_precise": 1.0} for r in rows[:8]]
     assert {r["norm"] for r in bn_runs} == {"bn"}
-    cells = study.summarize(bn_runs, batches, policy, spatial=1)
-    worlds = {(c["norm"], c["batch"]): c["world"] for c in study.schema(cells)["cells"]}
+    cells = study_report.summarize(bn_runs, batches, policy, spatial=1)
+    worlds = {(c["norm"], c["batch"]): c["world"] for c in study_report.schema(cells)["cells"]}
     assert worlds["syncbn+pbn", 4] == worlds["syncbn", 4] == 2
     assert worlds["bn+pbn", 8] == worlds["bn", 8] == 1
 
     # A 2x2 last stage: 4 B values, so Batch Renorm at 4 and 2 (16 and 8 values), read
     # from the line trained with the trainer's norm.brn defaults (brn_m01), and
     # synchronized Batch Renorm on 2 processes at 2 (4 x 4 = 16 values).
-    cells = study.summarize(rows, batches, policy, spatial=4)
+    cells = study_report.summarize(rows, batches, policy, spatial=4)
     assert {b: c["kind"] for b, c in cells["auto"].items()} == {
         16: "bn",
         8: "bn",
@@ -221,7 +217,7 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     )
     # Without 2-process cells there is no 2-process line, and SyncBRN is read from the
     # trainer's Batch Renorm at 2B.
-    local = study.summarize(
+    local = study_report.summarize(
         [r for r in rows if r["norm"] in ("bn", "brn_m01")], batches, policy, spatial=4
     )
     assert set(local["auto"]) == {16, 8, 4, 2}
@@ -229,11 +225,11 @@ def test_auto_lines_follow_the_policy_for_one_and_two_processes():
     assert local["auto2"][4]["same_as"] == "bn, 1 process, B=8"
     # ... and with no GN cells there is no pick where the policy wants GN.
     only_bn = [r for r in rows if r["norm"] == "bn"]
-    assert set(study.summarize(only_bn, batches, policy, spatial=1)["auto"]) == {16, 8}
+    assert set(study_report.summarize(only_bn, batches, policy, spatial=1)["auto"]) == {16, 8}
 
 
 def test_report_names_the_batches_the_step_floor_raised():
-    from study_report import _budget
+    from bench.study_report import _budget
 
     floor = _budget({"samples": 24576, "min_steps": 1536}, [32, 16, 8])
     assert "at least 1536 optimizer steps" in floor and "B=32 sees 49152" in floor

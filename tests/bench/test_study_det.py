@@ -1,4 +1,4 @@
-"""bench/study_det.py --quick: real trainer runs per cell, resumable, the issue's schema."""
+"""bench/study_det.py --quick: real trainer runs per cell, resumable, the results schema."""
 
 import dataclasses
 import json
