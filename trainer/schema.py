@@ -1,7 +1,11 @@
 """The run configuration's schema: one dataclass per section, every field documented
 where it is declared, and each section's own range checks (``__post_init__``), which
 name the dotted key and the value.  The norm policy's section is ``norms.NormPolicy``.
-``trainer.config`` loads YAML and overrides into it."""
+``trainer.config`` loads YAML and overrides into it.
+
+Fields typed ``Any`` take a number or a word (``run.threads: auto | 4``, the Batch Renorm
+schedule's int-or-fraction, ``sync_group: auto | world | 4``): OmegaConf has no union of
+int and str, so their ``__post_init__`` checks the type instead."""
 
 from __future__ import annotations
 
@@ -45,9 +49,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool = False
     # torch's intra-op threads per process: auto (OMP_NUM_THREADS when set, else this
-    # process's share of the CPUs less half of it for the data workers) | an int >= 1.
-    # torch's default (every core) oversubscribes a machine whose cores other processes
-    # or the loader workers also use; see the README's "CPU threads".
+    # process's share of the CPUs it may run on) | an int >= 1.  torch's default (every
+    # core in every process) oversubscribes a machine running several training processes;
+    # see docs/training.md, "CPU threads".
     threads: Any = "auto"
 
     def __post_init__(self) -> None:

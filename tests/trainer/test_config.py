@@ -104,7 +104,7 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
 def test_num_workers_auto_shares_the_cpus(monkeypatch):
     cfg = load_config(ROOT / "configs/shapes_det.yaml")
     assert cfg.data.num_workers == "auto"
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("trainer.schema.cpus_available", lambda: 16)  # taskset/cgroups count
     assert cfg.data.workers(1) == 8 and cfg.data.workers(4) == 4 and cfg.data.workers(32) == 1
     cfg = load_config(ROOT / "configs/shapes_det.yaml", ["data.num_workers=3"])
     assert cfg.data.workers(8) == 3

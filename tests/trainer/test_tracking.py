@@ -97,17 +97,18 @@ def test_progress_off_a_terminal_prints_at_the_first_step_and_every_30_s(capsys,
     assert lines == ["step 1/100  (1 s since start)", "step 3/100  (40 s since start)"]
 
 
-def test_threads_auto_leaves_room_for_the_loader_and_respects_omp(monkeypatch):
+def test_threads_auto_shares_the_cpus_between_processes_and_respects_omp(monkeypatch):
     from trainer.cpus import resolve_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("trainer.cpus.cpus_available", lambda: 16)
-    assert resolve_threads("auto", 1, 8)[0] == 8  # 16 CPUs, 8 for workers
-    assert resolve_threads("auto", 2, 4)[0] == 4  # 8 each, half for workers
-    assert resolve_threads("auto", 1, 0)[0] == 16
+    assert resolve_threads("auto", 1, 8)[0] == 16  # the workers wait on a full queue
+    assert resolve_threads("auto", 2, 4)[0] == 8  # 8 CPUs each
+    assert resolve_threads("auto", 3, 4)[0] == 5
     monkeypatch.setattr("trainer.cpus.cpus_available", lambda: 2)
-    assert resolve_threads("auto", 1, 2)[0] == 1
-    assert resolve_threads("auto", 4, 1)[0] == 1
+    assert resolve_threads("auto", 1, 2)[0] == 2
+    assert resolve_threads("auto", 2, 1)[0] == 1
+    assert resolve_threads("auto", 4, 1)[0] == 1  # never 0
     assert resolve_threads(3, 1, 2) == (3, "run.threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert resolve_threads("auto", 1, 0) == (1, "OMP_NUM_THREADS")
