@@ -1,0 +1,1 @@
+"""The manual's pages; generate.py fills their generated blocks (make docs)."""
