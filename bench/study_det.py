@@ -95,6 +95,9 @@ def overrides(cell: dict, out_dir: str) -> list[str]:
     return [
         f"data.root={cell['data_root']}",
         f"data.image_size={cell['image_size']}",
+        # the anchors the study's cells were trained with: the preset's sizes scaled to
+        # its 64-px images (image_size // 12 at P3), as the models once did implicitly
+        f"model.anchor_sizes={[max(4, cell['image_size'] // 12) * 2**i for i in range(5)]}",
         f"data.num_train={cell['num_train']}",
         f"data.num_val={cell['num_val']}",
         "data.num_workers=0",

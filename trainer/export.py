@@ -83,6 +83,8 @@ def export_run(run: Run, out: str | Path) -> dict[str, Path]:
         "arch": cfg.model.arch,
         "num_classes": cfg.model.num_classes,
         "image_size": cfg.data.image_size,
+        "sizing": cfg.data.sizing().describe() if run.dataset["task"] == "detection" else None,
+        "anchor_sizes": cfg.model.anchor_sizes,
         "fpn_channels": cfg.model.fpn_channels,
         "norms": kinds,
         "weight_standardization": "baked into the convolution weights",

@@ -31,6 +31,7 @@ from torchvision.models.detection.fcos import (
     FCOSRegressionHead,
 )
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from norms import (
@@ -44,6 +45,7 @@ from norms import (
 )
 from norms.per_level import PerLevelNorm, per_level_norms
 from trainer.archs import BACKBONES, backbone_of
+from trainer.sizing import Sizing
 
 __all__ = ["build_model", "norm_kwargs", "ModelError"]
 
@@ -103,14 +105,18 @@ def build_model(
     num_classes: int,
     plan: dict[str, NormChoice],
     *,
-    image_size: int,
+    image_size: int | None = None,
+    sizing: Sizing | None = None,
+    anchor_sizes: list[int] | None = None,
     fpn_channels: int = 64,
     backbone_weights: str | None = None,
     brn: dict | None = None,
     groups: dict | None = None,
 ) -> nn.Module:
     """``num_classes`` = object classes (detection adds the background class itself).
-    ``groups``: part -> the process group its synchronized layers reduce over."""
+    Detectors resize per ``sizing`` (default: squares of ``image_size``) with
+    ``anchor_sizes`` per level (default: torchvision's).  ``groups``: part -> the process
+    group its synchronized layers reduce over."""
     brn, groups = brn or {}, groups or {}
     kinds = {part: choice.kind for part, choice in plan.items()}
     kw = {part: norm_kwargs(kind, brn, groups.get(part)) for part, kind in kinds.items()}
@@ -132,7 +138,13 @@ def build_model(
         # (norms/per_level.py says why).
         shared = head_norm
         head_norm = lambda c: PerLevelNorm(lambda: shared(c), FPN_LEVELS)  # noqa: E731
-    model = _detector(arch, backbone, num_classes + 1, fpn_channels, head_norm, image_size)
+    if sizing is None:
+        if image_size is None:
+            raise ModelError("a detector needs sizing= or image_size=")
+        sizing = Sizing.square(image_size)
+    model = _detector(
+        arch, backbone, num_classes + 1, fpn_channels, head_norm, sizing, anchor_sizes
+    )
     per_level_norms(model.head)
     if head_choice.ws:
         for tower in (model.head.classification_head.conv, model.head.regression_head.conv):
@@ -166,20 +178,43 @@ def _backbone_with_fpn(arch, kinds, kw, fpn_channels, weights) -> BackboneWithFP
 FPN_LEVELS = 5
 
 
-def _detector(arch, backbone, num_classes, channels, head_norm, image_size) -> nn.Module:
+class _Transform(GeneralizedRCNNTransform):
+    """torchvision's detection transform with a test size of its own: in training it
+    draws one of ``min_size`` per image (torchvision's rule), in eval it resizes to
+    ``test_size`` (torchvision would take the last training size)."""
+
+    def __init__(self, sizing: Sizing, image_mean, image_std):
+        super().__init__(sizing.min_size, sizing.max_size, image_mean, image_std)
+        self.train_sizes, self.test_size = tuple(sizing.min_size), sizing.test_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.min_size = self.train_sizes if mode else (self.test_size,)
+        return self
+
+
+def default_anchor_sizes(arch: str) -> tuple[int, ...]:
+    """torchvision's per-level anchor sizes (P3-P7) for FCOS and RetinaNet."""
+    return (8, 16, 32, 64, 128) if arch.startswith("fcos") else (32, 64, 128, 256, 512)
+
+
+def _detector(arch, backbone, num_classes, channels, head_norm, sizing, anchor_sizes):
     """FCOS or RetinaNet around ``backbone``; ``num_classes`` includes the background."""
-    # Small images: anchors/sizes scaled to the input instead of COCO's 800-pixel setting.
-    sizes = tuple((max(4, image_size // 12) * 2**i,) for i in range(FPN_LEVELS))
-    common = dict(min_size=image_size, max_size=image_size, score_thresh=0.05)
+    base = tuple(anchor_sizes or default_anchor_sizes(arch))
+    common = dict(min_size=sizing.min_size, max_size=sizing.max_size, score_thresh=0.05)
     if arch.startswith("fcos"):
-        anchors = AnchorGenerator(sizes, ((1.0,),) * FPN_LEVELS)
+        anchors = AnchorGenerator(tuple((s,) for s in base), ((1.0,),) * FPN_LEVELS)
         head = _FCOSHead(channels, num_classes, head_norm)
-        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
-    anchors = AnchorGenerator(
-        tuple((s[0], int(s[0] * 1.26), int(s[0] * 1.59)) for s in sizes),
-        ((0.5, 1.0, 2.0),) * FPN_LEVELS,
-    )
-    head = RetinaNetHead(
-        channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=head_norm
-    )
-    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+        model = FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    else:
+        # torchvision's three scales per octave
+        anchors = AnchorGenerator(
+            tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in base),
+            ((0.5, 1.0, 2.0),) * FPN_LEVELS,
+        )
+        head = RetinaNetHead(
+            channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=head_norm
+        )
+        model = RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    model.transform = _Transform(sizing, model.transform.image_mean, model.transform.image_std)
+    return model

@@ -70,17 +70,24 @@ def model_parts(cfg: Config) -> dict[str, tuple[int, ...]]:
     return parts
 
 
-def smallest_maps(cfg: Config) -> dict[str, int]:
-    """H x W of each part's smallest normalized feature map for data.image_size inputs:
-    the policy counts the values behind a statistic there (batch x H x W)."""
+def smallest_map_sizes(cfg: Config) -> dict[str, tuple[int, int]]:
+    """(H, W) of each part's smallest normalized feature map: the policy counts the values
+    behind a statistic there (batch x H x W).  A classifier sees data.image_size squares;
+    a detector the training sizes (data.min_size / max_size), at the aspect ratios its
+    data can have (trainer.sizing)."""
     stride = BACKBONES[backbone_of(cfg.model.arch)].stride
-    side = -(-cfg.data.image_size // stride)
-    maps = {"backbone": side * side}
-    if cfg.model.task == "detection":
-        maps["neck"] = side * side  # P5
-        head = -(-cfg.data.image_size // HEAD_STRIDE)
-        maps["head"] = head * head  # P7
-    return maps
+    if cfg.model.task != "detection":
+        side = -(-cfg.data.image_size // stride)
+        return {"backbone": (side, side)}
+    sizing, aspects = cfg.data.sizing(), cfg.data.aspects()
+    last = sizing.smallest_map(stride, aspects)
+    # the body's last stage and the FPN's P5 share a stride; the head's smallest is P7
+    return {"backbone": last, "neck": last, "head": sizing.smallest_map(HEAD_STRIDE, aspects)}
+
+
+def smallest_maps(cfg: Config) -> dict[str, int]:
+    """H x W (positions) of each part's smallest normalized feature map."""
+    return {part: h * w for part, (h, w) in smallest_map_sizes(cfg).items()}
 
 
 def _plan_parts(cfg: Config, world_size: int, device: str, backend: str, local: int | None):
@@ -121,10 +128,18 @@ def _check_gn_values(
             raise ValueError(
                 f"model.fpn_channels={c}: the {part}'s GroupNorm ({groups} groups) has "
                 f"{c // groups} channel x {maps[part]} position = 1 value per group at its "
-                f"smallest map (data.image_size={cfg.data.image_size}), which GroupNorm "
-                f"cannot normalize; use model.fpn_channels >= {2 * groups}, "
-                f"norm.policy.gn_groups <= {c // 2}, or larger images"
+                f"smallest map ({_sizes_text(cfg)}), which GroupNorm cannot normalize; use "
+                f"model.fpn_channels >= {2 * groups}, norm.policy.gn_groups <= {c // 2}, or "
+                f"larger images"
             )
+
+
+def _sizes_text(cfg: Config) -> str:
+    if cfg.model.task != "detection":
+        return f"data.image_size={cfg.data.image_size}"
+    d = cfg.data
+    shapes = "square images" if d.aspects() == (1.0,) else "aspect ratios up to 2:1 assumed"
+    return f"data.min_size={d.min_size}, data.max_size={d.max_size}; {shapes}"
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,8 @@ class RunPlan:
     precise: PreciseBNPlan
     graphs: GraphPlan
     policy: NormPolicy
+    maps: dict[str, tuple[int, int]]  # part -> (H, W) the policy counted values on
+    sizes: str  # where those maps come from, in the config's words
 
     def reason(self, part: str) -> str:
         return explain(self.parts[part], self.policy)
@@ -186,11 +203,15 @@ class RunPlan:
             },
             "precise_bn": self.precise.as_dict(),
             "cuda_graphs": self.graphs.as_dict(),
+            "smallest_maps": {part: list(hw) for part, hw in self.maps.items()},
         }
 
     def table(self) -> str:
-        return format_table(
-            [(c, self.reason(part)) for part, c in self.parts.items()], self.graphs, self.precise
+        rows = [(c, self.reason(part)) for part, c in self.parts.items()]
+        maps = ", ".join(f"{part} {h}x{w}" for part, (h, w) in self.maps.items())
+        return (
+            format_table(rows, self.graphs, self.precise)
+            + f"\nsmallest normalized maps: {maps} ({self.sizes})"
         )
 
 
@@ -224,6 +245,8 @@ def plan_run(
         precise=_precise_bn(cfg, parts),
         graphs=graphs,
         policy=cfg.norm.policy,
+        maps=smallest_map_sizes(cfg),
+        sizes=_sizes_text(cfg),
     )
 
 

@@ -19,6 +19,7 @@ from omegaconf import MISSING
 from norms.policy import NormPolicy
 from trainer.archs import CLASSIFICATION_ARCHS, DETECTION_ARCHS, task_of
 from trainer.cpus import cpus_available
+from trainer.sizing import UNKNOWN_ASPECTS, Sizing
 
 __all__ = ["BatchRenormConfig", "Config", "ConfigError"]
 
@@ -92,8 +93,27 @@ class DataConfig:
     # gives the cost of each at 2k and 118k images
     check_images: str = "header"
     max_image_pixels: int = 89_478_485  # larger images are refused at start-up (PIL's limit)
+    # Detection sizing (detectron2 / torchvision): the shorter side when training, an int
+    # or a list (one drawn per image: multi-scale training), unless the longer side would
+    # exceed max_size; test_size for eval and predict (null: the last min_size).  The
+    # defaults are torchvision's (800, 1333); data.image_size is only the generated
+    # shapes' size, and the shapes presets set min_size = max_size = ${data.image_size}.
+    min_size: Any = 800
+    max_size: int = 1333
+    test_size: int | None = None
 
     def __post_init__(self) -> None:
+        sizes = self.min_size if isinstance(self.min_size, list | tuple) else [self.min_size]
+        if not sizes or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in sizes
+        ):
+            raise ConfigError(
+                f"data.min_size must be an integer >= 16 or a non-empty list of them, "
+                f"got {self.min_size!r}"
+            )
+        self.min_size = list(sizes) if len(sizes) > 1 else sizes[0]
+        _at_least("data.max_size", self.max_size, max(sizes))
+        _at_least("data.test_size", self.test_size, 16, allow_none=True)
         _one_of("data.dataset", self.dataset, ("shapes", "coco", "imagefolder"))
         _one_of("data.bad_boxes", self.bad_boxes, ("drop", "error"))
         _one_of("data.check_images", self.check_images, ("header", "full"))
@@ -110,6 +130,15 @@ class DataConfig:
                 f"data.num_workers must be 'auto' or an integer >= 0, got {self.num_workers!r}"
             )
 
+    def sizing(self) -> Sizing:
+        sizes = tuple(self.min_size) if isinstance(self.min_size, list) else (self.min_size,)
+        return Sizing(sizes, self.max_size, self.test_size or sizes[-1])
+
+    def aspects(self) -> tuple[float, ...]:
+        """Long/short ratios the images can have: the generated shapes are square;
+        other data is assumed up to 2:1 (trainer.sizing)."""
+        return (1.0,) if self.dataset == "shapes" else UNKNOWN_ASPECTS
+
     def workers(self, local_world_size: int) -> int:
         """Loader processes per training process: ``auto`` shares this machine's CPUs
         among the local training processes, at most 8 each (a GPU step at 1-4 images
@@ -125,8 +154,19 @@ class ModelConfig:
     num_classes: int = 3
     fpn_channels: int = 64
     backbone_weights: str | None = None  # local path to torchvision backbone weights
+    # Detectors: the anchor size of each FPN level P3-P7 (FCOS also assigns objects to
+    # levels by it); RetinaNet adds 2^(1/3) and 2^(2/3) of each.  null: torchvision's
+    # defaults, FCOS 8-128 and RetinaNet 32-512; they do not scale with the input size.
+    anchor_sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.anchor_sizes is not None and (
+            len(self.anchor_sizes) != 5 or any(v < 1 for v in self.anchor_sizes)
+        ):
+            raise ConfigError(
+                f"model.anchor_sizes must be 5 positive sizes (P3-P7) or null, "
+                f"got {list(self.anchor_sizes)}"
+            )
         _one_of("model.arch", self.arch, DETECTION_ARCHS + CLASSIFICATION_ARCHS)
         _at_least("model.num_classes", self.num_classes, 1)
         _at_least("model.fpn_channels", self.fpn_channels, 1)

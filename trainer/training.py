@@ -152,6 +152,8 @@ def model_from_config(cfg: Config, plan: dict[str, NormChoice], groups=None, wei
         cfg.model.num_classes,
         plan,
         image_size=cfg.data.image_size,
+        sizing=cfg.data.sizing(),
+        anchor_sizes=cfg.model.anchor_sizes,
         fpn_channels=cfg.model.fpn_channels,
         backbone_weights=weights,
         brn=cfg.norm.brn.layer_kwargs(cfg.train.max_steps * cfg.train.grad_accum),

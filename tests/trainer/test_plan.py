@@ -111,7 +111,9 @@ def test_groupnorm_with_one_value_per_group_is_refused_before_training():
     cfg = load_config(DET, ["model.fpn_channels=32"])
     with pytest.raises(ValueError, match=r"model.fpn_channels=32: the head's GroupNorm") as e:
         plan_run(cfg, 1, "cpu", "gloo")
-    assert "data.image_size=96" in str(e.value) and "gn_groups <= 16" in str(e.value)
+    assert "data.min_size=96, data.max_size=96" in str(e.value) and "gn_groups <= 16" in str(
+        e.value
+    )
     # 2 channels per group, or a 2x2 P7, are enough
     plan_run(
         load_config(DET, ["model.fpn_channels=32", "norm.policy.gn_groups=16"]), 1, "cpu", "gloo"

@@ -135,10 +135,10 @@ def eval_loader(
 
 def describe(ds, cfg) -> dict:
     """What inference needs from the training data, saved in every checkpoint: the task,
-    the input size, and label -> the dataset's category id and name (detection: label
-    i + 1 is ``categories[i]``, 0 being background; classification: class i)."""
-    return {
-        "task": cfg.model.task,
-        "image_size": cfg.data.image_size,
-        "categories": ds.categories,
-    }
+    the input size (a detector: its sizing), and label -> the dataset's category id and
+    name (detection: label i + 1 is ``categories[i]``, 0 being background;
+    classification: class i)."""
+    info = {"task": cfg.model.task, "image_size": cfg.data.image_size}
+    if cfg.model.task == "detection":
+        info["sizing"] = cfg.data.sizing().describe()  # the detector's resize rule
+    return {**info, "categories": ds.categories}
