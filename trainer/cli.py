@@ -3,7 +3,7 @@
     normpilot train   --config C [key=value ...]               (also under torchrun)
     normpilot policy  --config C [--world-size W] [--device cpu|cuda] [key=value ...]
     normpilot eval    --run R [--checkpoint P] [key=value ...]  (also under torchrun)
-    normpilot predict --run R IMAGES... [--score-thresh T] [--top-k K] [--out D]
+    normpilot predict --run R IMAGES... [--score-thresh T] [--top-k K] [--ann F] [--out D]
     normpilot export  --run R [--out D]
     normpilot runs    [--root runs]
 
@@ -206,6 +206,11 @@ def _after_training(sub) -> None:
     p.add_argument("--out", help="output folder (default: <run>/predictions)")
     p.add_argument("--score-thresh", type=float, default=0.3, help="detection: keep >= this")
     p.add_argument("--top-k", type=_positive_int, default=3, help="classification: classes kept")
+    p.add_argument(
+        "--ann",
+        help="COCO annotation file whose image ids predictions.json uses (default: the "
+        "dataset's own when the images are in the COCO layout, else the argument order)",
+    )
     p.set_defaults(func=commands.cmd_predict)
     x = sub.add_parser("export", help="TorchScript + weights-only model, torch/torchvision only")
     run_args(x)

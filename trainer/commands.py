@@ -63,29 +63,59 @@ def cmd_predict(args) -> int:
 
     run = load_run(args.run, args.checkpoint)
     paths = image_paths(args.images)
+    ids, source = image_ids(paths, Path(args.ann) if args.ann else None)
     images = read_images(paths)
     out = Path(args.out or Path(args.run) / "predictions")
     out.mkdir(parents=True, exist_ok=True)
     if run.dataset["task"] == "detection":
-        results = _detections(run, paths, images, out, args.score_thresh)
+        results = _detections(run, paths, ids, images, out, args.score_thresh)
     else:
-        results = _top_k(run, paths, images, out, args.top_k)
+        results = _top_k(run, paths, ids, images, out, args.top_k)
     (out / "predictions.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{len(paths)} image(s), {len(results)} prediction(s) -> {out}/predictions.json")
+    print(
+        f"{len(paths)} image(s), {len(results)} prediction(s) -> {out}/predictions.json "
+        f"(image ids: {source})"
+    )
     return 0
 
 
-def _detections(run, paths, images, out: Path, score_thresh: float) -> list[dict]:
-    from torchvision.ops import box_convert
+def image_ids(paths: list[Path], ann: Path | None) -> tuple[list[int], str]:
+    """The COCO image id of each image, so predictions.json goes straight into COCOeval:
+    from ``ann`` (every image must be listed), else from the annotation file of the
+    project's COCO layout (``<root>/<split>/x.jpg`` -> ``<root>/annotations/
+    instances_<split>.json``) when it lists them all, else the argument order."""
+    candidates = [ann] if ann is not None else sorted({_layout_ann(p) for p in paths} - {None})
+    if len(candidates) == 1 and candidates[0].is_file():
+        try:
+            listed = json.loads(candidates[0].read_text()).get("images", [])
+            by_name = {Path(im["file_name"]).name: im["id"] for im in listed}
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+            raise ValueError(f"--ann {candidates[0]}: not a COCO annotation file ({e})") from None
+        missing = [p for p in paths if p.name not in by_name]
+        if not missing:
+            return [by_name[p.name] for p in paths], str(candidates[0])
+        if ann is not None:
+            raise ValueError(f"--ann {ann} does not list {missing[0]} ({len(missing)} missing)")
+    elif ann is not None:
+        raise ValueError(f"--ann {ann}: no such file")
+    return list(range(len(paths))), "argument order"
+
+
+def _layout_ann(path: Path) -> Path | None:
+    split = path.parent
+    ann = split.parent / "annotations" / f"instances_{split.name}.json"
+    return ann if ann.is_file() else None
+
+
+def _detections(run, paths, ids, images, out: Path, score_thresh: float) -> list[dict]:
+    from torchvision.ops import box_convert, nms
     from torchvision.transforms.v2.functional import to_pil_image
     from torchvision.utils import draw_bounding_boxes
 
     from trainer.inference import predict
 
     cats, results = run.dataset["categories"], []
-    for i, (path, image, output) in enumerate(
-        zip(paths, images, predict(run, images), strict=True)
-    ):
+    for i, path, image, output in zip(ids, paths, images, predict(run, images), strict=True):
         keep = (output["scores"] >= score_thresh) & (output["labels"] > 0)
         boxes, labels, scores = (output[k][keep] for k in ("boxes", "labels", "scores"))
         names = [cats[int(lab) - 1]["name"] for lab in labels]
@@ -102,13 +132,16 @@ def _detections(run, paths, images, out: Path, score_thresh: float) -> list[dict
                     "score": float(score),
                 }
             )
-        text = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist(), strict=True)]
-        drawn = draw_bounding_boxes((image * 255).byte(), boxes, text, colors="red")
+        # The drawing keeps one box per object: the detector's NMS is per class, so the
+        # same object can carry a box per class; predictions.json keeps them all.
+        shown = nms(boxes, scores, iou_threshold=0.5).tolist()
+        text = [f"{names[j]} {scores[j]:.2f}" for j in shown]
+        drawn = draw_bounding_boxes((image * 255).byte(), boxes[shown], text, colors="red")
         to_pil_image(drawn).save(out / f"{path.stem}.png")
     return results
 
 
-def _top_k(run, paths, images, out: Path, k: int) -> list[dict]:
+def _top_k(run, paths, ids, images, out: Path, k: int) -> list[dict]:
     from trainer.inference import predict
 
     cats = run.dataset["categories"]
@@ -118,7 +151,7 @@ def _top_k(run, paths, images, out: Path, k: int) -> list[dict]:
             "file_name": str(path),
             "top_k": [{"class": c, "name": cats[c]["name"], "probability": p} for c, p in top],
         }
-        for i, (path, top) in enumerate(zip(paths, predict(run, images, top_k=k), strict=True))
+        for i, path, top in zip(ids, paths, predict(run, images, top_k=k), strict=True)
     ]
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -54,12 +54,15 @@ class ModelError(ValueError):
     pass
 
 
-def norm_kwargs(kind: str, brn: dict, group=None) -> dict:
-    """Constructor keywords for ``kind``: Batch Renorm's settings, and the process group
-    a synchronized kind reduces over (None: every rank)."""
+def norm_kwargs(kind: str, brn: dict, group=None, gn_groups: int | None = None) -> dict:
+    """Constructor keywords for ``kind``: Batch Renorm's settings, the process group a
+    synchronized kind reduces over (None: every rank), GroupNorm's group count (None:
+    ``choose_groups`` per layer)."""
     kw = dict(brn) if is_renorm_kind(kind) else {}
     if group is not None and is_sync_kind(kind):
         kw["process_group"] = group
+    if kind == "gn" and gn_groups is not None:
+        kw["num_groups"] = gn_groups
     return kw
 
 
@@ -112,6 +115,7 @@ def build_model(
     backbone_weights: str | None = None,
     brn: dict | None = None,
     groups: dict | None = None,
+    gn_groups: int | None = None,
 ) -> nn.Module:
     """``num_classes`` = object classes (detection adds the background class itself).
     Detectors resize per ``sizing`` (default: squares of ``image_size``) with
@@ -119,7 +123,7 @@ def build_model(
     group its synchronized layers reduce over."""
     brn, groups = brn or {}, groups or {}
     kinds = {part: choice.kind for part, choice in plan.items()}
-    kw = {part: norm_kwargs(kind, brn, groups.get(part)) for part, kind in kinds.items()}
+    kw = {part: norm_kwargs(kind, brn, groups.get(part), gn_groups) for part, kind in kinds.items()}
     if arch.startswith("resnet"):
         model = _resnet_body(arch, backbone_weights, num_classes)
         model = convert_norms(model, kinds["backbone"], **kw["backbone"])

@@ -158,6 +158,7 @@ def model_from_config(cfg: Config, plan: dict[str, NormChoice], groups=None, wei
         backbone_weights=weights,
         brn=cfg.norm.brn.layer_kwargs(cfg.train.max_steps * cfg.train.grad_accum),
         groups=groups,
+        gn_groups=cfg.norm.policy.gn_groups,
     )
 
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from norms import BatchRenorm2d, NormPolicy, SyncBatchNorm, WSConv2d, select_norm
+from tests.helpers import ROOT
 from trainer.models import build_model
 
 
@@ -149,3 +150,19 @@ def test_classifier_and_local_weights(tmp_path):
             image_size=32,
             backbone_weights=str(tmp_path / "missing.pt"),
         )
+
+
+def test_gn_groups_setting_reaches_every_groupnorm_layer():
+    """norm.policy.gn_groups is what the plan checks and the table shows; the layers must
+    use it (they used choose_groups(C) whatever it said)."""
+    from trainer.config import load_config
+    from trainer.plan import plan_run
+    from trainer.training import model_from_config
+
+    det = ROOT / "configs/shapes_det.yaml"
+    gn = ["norm.policy.small_batch=gn"]
+    for extra, want in ((["norm.policy.gn_groups=16", "model.fpn_channels=32"], {16}), ([], {32})):
+        cfg = load_config(det, [*gn, *extra])
+        model = model_from_config(cfg, plan_run(cfg, 1, "cpu").parts)
+        layers = norms_in(model, nn.GroupNorm)
+        assert len(layers) > 20 and {g.num_groups for g in layers} == want

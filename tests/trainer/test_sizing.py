@@ -4,6 +4,7 @@ mixed-size, mixed-orientation COCO set that trains, evaluates and predicts in ea
 image's own pixel coordinates."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,8 +146,30 @@ def test_mixed_size_coco_trains_evaluates_and_predicts_in_image_coordinates(tmp_
     files = [str(root / "val" / f"{i:03d}.jpg") for i in range(4)]
     assert main(["predict", "--run", str(run_dir), *files, "--out", str(out),
                  "--score-thresh", "0"]) == 0  # fmt: skip
+    assert f"(image ids: {root / 'annotations' / 'instances_val.json'})" in capsys.readouterr().out
     preds = json.loads((out / "predictions.json").read_text())
     assert preds, "no predictions at score 0"
+    # the dataset's own image ids, so the file goes straight into COCOeval
+    assert {(Path(p["file_name"]).name, p["image_id"]) for p in preds} <= {
+        (f"{i:03d}.jpg", 100 + i) for i in range(4)
+    }
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(root / "annotations" / "instances_val.json"))
+    gt.dataset["annotations"] = [
+        {**a, "area": a["bbox"][2] * a["bbox"][3], "iscrowd": 0} for a in gt.dataset["annotations"]
+    ]
+    gt.createIndex()
+    COCOeval(gt, gt.loadRes(str(out / "predictions.json")), "bbox").evaluate()
+    # --ann must list every image; images outside a COCO layout keep the argument order
+    other = tmp_path / "loose"
+    other.mkdir()
+    (other / "x.jpg").write_bytes((root / "val" / "000.jpg").read_bytes())
+    pred = ["predict", "--run", str(run_dir), str(other / "x.jpg"), "--out", str(out)]
+    assert main([*pred, "--ann", str(root / "annotations" / "instances_val.json")]) == 2
+    assert "does not list" in capsys.readouterr().err
+    assert main(pred) == 0 and "(image ids: argument order)" in capsys.readouterr().out
     for p in preds:
         w, h = Image.open(p["file_name"]).size
         x, y, bw, bh = p["bbox"]
