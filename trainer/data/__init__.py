@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from trainer.data.classification import IndexedImageFolder
 from trainer.data.coco import CocoDetection, collate_detection
 from trainer.data.errors import DataError
+from trainer.data.grouping import GroupedBatches, aspect_groups
 from trainer.data.images import DEFAULT_MAX_PIXELS
 from trainer.data.shapes import ensure_shapes, shapes_dir
 
@@ -62,19 +63,6 @@ def build_datasets(
     return make("train", True), make("val", False)
 
 
-class _ResumeSampler(Sampler):
-    """DistributedSampler's order for one epoch, from ``skip`` samples in."""
-
-    def __init__(self, base: DistributedSampler, skip: int):
-        self.base, self.skip = base, skip
-
-    def __iter__(self):
-        return iter(list(self.base)[self.skip :])
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)
-
-
 def check_batch_fits(samples: int, batch: int, world_size: int) -> None:
     """One step's batches must fit in the training set (drop_last would leave an epoch
     with no batch at all)."""
@@ -103,14 +91,17 @@ def train_loader(
     resume position must reach the worker processes, which keep their own dataset copy."""
     check_batch_fits(len(ds), batch, world_size)
     ds.set_epoch(epoch)
-    base = DistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, drop_last=True)
-    base.set_epoch(epoch)
+    # Detection batches hold one orientation (trainer/data/grouping.py); with one group
+    # (square images) the batches are DistributedSampler's, in the same order.
+    groups = aspect_groups(ds.sizes()) if hasattr(ds, "sizes") else [0] * len(ds)
+    batches = GroupedBatches(
+        groups, batch, world_size=world_size, rank=rank, seed=seed, epoch=epoch,
+        skip_batches=skip_batches,
+    )  # fmt: skip
     return DataLoader(
         ds,
-        batch_size=batch,
-        sampler=_ResumeSampler(base, skip_batches * batch),
+        batch_sampler=batches,
         num_workers=workers,
-        drop_last=True,
         pin_memory=pin_memory,  # page-locked batches: non_blocking host-to-GPU copies
         prefetch_factor=4 if workers else None,
         persistent_workers=False,

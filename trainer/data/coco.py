@@ -179,6 +179,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each image, in index order (read at start-up)."""
+        return [(im["width"], im["height"]) for im in self.coco_gt["images"]]
+
     def __len__(self) -> int:
         return len(self.images)
 
