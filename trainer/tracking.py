@@ -124,7 +124,9 @@ class RunLogger:
                         boxes={"predictions": {"box_data": boxes, "class_labels": names}},
                     )
                 )
-            self._wandb.log({"val/predictions": panels}, step=step)
+            # One key per image: wandb wants the images of one key in one size, and
+            # detection images keep their own (mixed sizes warn and are resized).
+            self._wandb.log({f"val/predictions/{i}": p for i, p in enumerate(panels)}, step=step)
         except Exception as e:  # noqa: BLE001
             self._disable(f"wandb images failed ({type(e).__name__}: {e})")
 

@@ -112,3 +112,33 @@ def test_threads_auto_shares_the_cpus_between_processes_and_respects_omp(monkeyp
     assert resolve_threads(3, 1, 2) == (3, "run.threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert resolve_threads("auto", 1, 0) == (1, "OMP_NUM_THREADS")
+
+
+def test_prediction_images_of_mixed_sizes_log_without_wandb_s_size_warning(tmp_path, capfd):
+    import torch
+
+    from tests.trainer.wandb_reader import wandb_runs
+
+    logger = RunLogger(
+        tmp_path,
+        enabled=True,
+        wandb_mode="offline",
+        project="p",
+        entity=None,
+        name="mixed",
+        config={},
+        run_id=None,
+    )
+    images = [torch.rand(3, 80, 120), torch.rand(3, 120, 80)]
+    out = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1])}
+    outputs = [{**out, "scores": torch.tensor([0.9])}] * 2
+    logger.log_detections(3, images, outputs, [{"id": 1, "name": "circle"}])
+    logger.close()
+    assert "sizes do not match" not in capfd.readouterr().err
+    history = wandb_runs(tmp_path / "wandb")["mixed"]["history"]
+    # each image keeps its own size under its own key
+    sizes = {
+        (history[f"val/predictions/{i}/width"], history[f"val/predictions/{i}/height"])
+        for i in (0, 1)
+    }
+    assert sizes == {(120, 80), (80, 120)}

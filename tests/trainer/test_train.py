@@ -81,7 +81,7 @@ def test_detection_run_artifacts_and_offline_wandb(tmp_path, data_root):
     assert losses == pytest.approx({r["step"]: r["loss"] for r in steps})
     assert any(r.get("eval/images") == 8 for r in logged)
     # A few val images with their predicted boxes, at the eval.
-    assert any(r.get("val/predictions/_type") == "images/separated" for r in logged)
+    assert any(r.get("val/predictions/0/_type") == "image-file" for r in logged)
     assert any(r.get("policy/_type") == "table-file" for r in logged)
     assert any(k.startswith("brn/") and k.endswith("/r_dev") for r in logged for k in r)
     # Precise BN (auto: Batch Renorm at batch 2 < 16) before each save: its cost is logged,
