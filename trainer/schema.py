@@ -89,8 +89,9 @@ class DataConfig:
     # naming them) | error
     bad_boxes: str = "drop"
     # Start-up check of every COCO image: header (size, chunk structure and a whole file:
-    # PNG's IEND, JPEG's EOI) | full (decode every image); bench/results/image_check.md
-    # gives the cost of each at 2k and 118k images
+    # PNG's IEND, JPEG's EOI) | full (decode every image).  Files unchanged since a
+    # previous start are not opened again (a cache in ~/.cache/normpilot or
+    # $NORMPILOT_CACHE_DIR); bench/results/image_check.md gives the costs
     check_images: str = "header"
     max_image_pixels: int = 89_478_485  # larger images are refused at start-up (PIL's limit)
     # Detection sizing (detectron2 / torchvision): the shorter side when training, an int

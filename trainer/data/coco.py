@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.errors import DataError
-from trainer.data.images import DEFAULT_MAX_PIXELS, check_image, load_rgb
+from trainer.data.images import DEFAULT_MAX_PIXELS, CheckCache, check_image, load_rgb
 
 __all__ = ["CocoDetection", "collate_detection"]
 
@@ -124,19 +125,29 @@ class CocoDetection(torch.utils.data.Dataset):
     def _check_images(self, full: bool, max_pixels: int) -> dict[int, tuple[int, int]]:
         """Every listed image exists, reads and is whole (a corrupt or truncated file fails
         here, at start-up, not when a batch reaches it); returns id -> (width, height)."""
-        names = [im["file_name"] for im in self.images]
-        missing = [n for n in names if not (self.image_dir / n).is_file()]
+        stats, missing = {}, []
+        for im in self.images:
+            try:
+                stats[im["file_name"]] = os.stat(self.image_dir / im["file_name"])
+            except OSError:
+                missing.append(im["file_name"])
         if missing:
             raise DataError(
                 f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
                 f"{self.image_dir}, e.g. {missing[0]}"
             )
-        return {
-            im["id"]: check_image(
-                self.image_dir / im["file_name"], max_pixels=max_pixels, full=full
-            )
-            for im in self.images
-        }
+        # Files unchanged since a previous start's check are not opened again.
+        key = f"{self.ann_file.resolve()}|{self.image_dir.resolve()}|{full}|{max_pixels}"
+        cache, sizes = CheckCache(key), {}
+        for im in self.images:
+            name, stat = im["file_name"], stats[im["file_name"]]
+            size = cache.get(name, stat)
+            if size is None:
+                size = check_image(self.image_dir / name, max_pixels=max_pixels, full=full)
+                cache.put(name, stat, size)
+            sizes[im["id"]] = size
+        cache.save()
+        return sizes
 
     def _boxes(self, anns: list, sizes: dict, bad_boxes: str) -> dict[int, list]:
         """Image id -> [(x0, y0, x1, y1, label)].  An unknown category is an error naming

@@ -13,6 +13,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from trainer.data.errors import DataError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "check_image", "load_rgb", "READ_ERRORS"]
+__all__ = ["DEFAULT_MAX_PIXELS", "CheckCache", "check_image", "load_rgb", "READ_ERRORS"]
 
 # PIL's own bomb limit (it warns above it and refuses at twice it); ours refuses above.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -99,3 +102,44 @@ def load_rgb(path: Path) -> Image.Image:
         raise
     except READ_ERRORS as e:
         raise DataError(f"cannot read image {path}: {e}") from None
+
+
+class CheckCache:
+    """What ``check_image`` found for each file, kept between starts: a file whose size
+    and modification time are unchanged is not opened again.  It lives in the user's
+    cache directory ($NORMPILOT_CACHE_DIR, else ~/.cache/normpilot), never in the
+    dataset's folder (which may be read-only), one file per (annotation file, image
+    folder, check mode, pixel limit).  A cache that cannot be read or written is ignored.
+    """
+
+    def __init__(self, key: str):
+        root = os.environ.get("NORMPILOT_CACHE_DIR") or Path.home() / ".cache" / "normpilot"
+        name = hashlib.sha1(key.encode()).hexdigest()[:20]
+        self.path = Path(root) / "image_check" / f"{name}.json"
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.fresh: dict[str, list] = {}
+
+    def get(self, name: str, stat: os.stat_result) -> tuple[int, int] | None:
+        e = self.entries.get(name)
+        if e is not None and e[:2] == [stat.st_size, stat.st_mtime_ns]:
+            self.fresh[name] = e
+            return e[2], e[3]
+        return None
+
+    def put(self, name: str, stat: os.stat_result, size: tuple[int, int]) -> None:
+        self.fresh[name] = [stat.st_size, stat.st_mtime_ns, *size]
+
+    def save(self) -> None:
+        """Keep the files seen in this check (an atomic write; a failure is ignored)."""
+        if self.fresh == self.entries:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.fresh))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
