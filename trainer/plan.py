@@ -24,7 +24,9 @@ from norms import (
 )
 from trainer.archs import BACKBONES, HEAD_STRIDE, backbone_of
 from trainer.config import Config
+from trainer.data import train_aspects
 from trainer.graphs import GraphPlan, plan_graphs
+from trainer.sizing import UNKNOWN_ASPECTS
 
 __all__ = [
     "Batches",
@@ -70,7 +72,9 @@ def model_parts(cfg: Config) -> dict[str, tuple[int, ...]]:
     return parts
 
 
-def smallest_map_sizes(cfg: Config) -> dict[str, tuple[int, int]]:
+def smallest_map_sizes(
+    cfg: Config, aspects: tuple[float, ...] | None = None
+) -> dict[str, tuple[int, int]]:
     """(H, W) of each part's smallest normalized feature map: the policy counts the values
     behind a statistic there (batch x H x W).  A classifier sees data.image_size squares;
     a detector the training sizes (data.min_size / max_size), at the aspect ratios its
@@ -79,10 +83,16 @@ def smallest_map_sizes(cfg: Config) -> dict[str, tuple[int, int]]:
     if cfg.model.task != "detection":
         side = -(-cfg.data.image_size // stride)
         return {"backbone": (side, side)}
-    sizing, aspects = cfg.data.sizing(), cfg.data.aspects()
+    sizing, aspects = cfg.data.sizing(), aspects or _aspects(cfg)
     last = sizing.smallest_map(stride, aspects)
     # the body's last stage and the FPN's P5 share a stride; the head's smallest is P7
     return {"backbone": last, "neck": last, "head": sizing.smallest_map(HEAD_STRIDE, aspects)}
+
+
+def _aspects(cfg: Config) -> tuple[float, ...]:
+    """The training images' long/short ratios when the data says (the shapes are square;
+    a COCO file lists every image's size), else up to 2:1 assumed."""
+    return train_aspects(cfg.data.dataset, cfg.data.root) or UNKNOWN_ASPECTS
 
 
 def smallest_maps(cfg: Config) -> dict[str, int]:
@@ -90,8 +100,10 @@ def smallest_maps(cfg: Config) -> dict[str, int]:
     return {part: h * w for part, (h, w) in smallest_map_sizes(cfg).items()}
 
 
-def _plan_parts(cfg: Config, world_size: int, device: str, backend: str, local: int | None):
-    policy, maps = cfg.norm.policy, smallest_maps(cfg)
+def _plan_parts(cfg, world_size: int, device: str, backend: str, local: int | None, sizes, where):
+    """One decision per part; ``sizes``: part -> (H, W) of its smallest map, ``where``
+    the sizing they come from (for messages)."""
+    policy, maps = cfg.norm.policy, {part: h * w for part, (h, w) in sizes.items()}
     parts = {
         part: select_norm(
             world_size,
@@ -108,12 +120,12 @@ def _plan_parts(cfg: Config, world_size: int, device: str, backend: str, local: 
         )
         for part, widths in model_parts(cfg).items()
     }
-    _check_gn_values(cfg, parts, policy, maps)
+    _check_gn_values(cfg, parts, policy, maps, where)
     return parts
 
 
 def _check_gn_values(
-    cfg: Config, plan: dict[str, NormChoice], policy: NormPolicy, maps: dict[str, int]
+    cfg: Config, plan: dict[str, NormChoice], policy: NormPolicy, maps: dict[str, int], where: str
 ) -> None:
     """GroupNorm needs 2+ values per group: with 1 channel per group on a 1x1 map it
     raises on a single image and, on more, silently outputs its bias (x - mean = 0).
@@ -128,17 +140,22 @@ def _check_gn_values(
             raise ValueError(
                 f"model.fpn_channels={c}: the {part}'s GroupNorm ({groups} groups) has "
                 f"{c // groups} channel x {maps[part]} position = 1 value per group at its "
-                f"smallest map ({_sizes_text(cfg)}), which GroupNorm cannot normalize; use "
+                f"smallest map ({where}), which GroupNorm cannot normalize; use "
                 f"model.fpn_channels >= {2 * groups}, norm.policy.gn_groups <= {c // 2}, or "
                 f"larger images"
             )
 
 
-def _sizes_text(cfg: Config) -> str:
+def _sizes_text(cfg: Config, known: tuple[float, ...] | None = None) -> str:
     if cfg.model.task != "detection":
         return f"data.image_size={cfg.data.image_size}"
     d = cfg.data
-    shapes = "square images" if d.aspects() == (1.0,) else "aspect ratios up to 2:1 assumed"
+    if known == (1.0,):
+        shapes = "square images"
+    elif known:
+        shapes = f"aspect ratios {known[0]:g} to {known[-1]:g} in the training data"
+    else:
+        shapes = "aspect ratios up to 2:1 assumed (no annotation file read)"
     return f"data.min_size={d.min_size}, data.max_size={d.max_size}; {shapes}"
 
 
@@ -234,7 +251,12 @@ def plan_run(
         amp=t.amp,
         grad_accum=t.grad_accum,
     )
-    parts = _plan_parts(cfg, world_size, device, backend, local_world_size)
+    known = (
+        train_aspects(cfg.data.dataset, cfg.data.root) if cfg.model.task == "detection" else None
+    )
+    maps = smallest_map_sizes(cfg, known or UNKNOWN_ASPECTS)
+    where = _sizes_text(cfg, known)
+    parts = _plan_parts(cfg, world_size, device, backend, local_world_size, maps, where)
     return RunPlan(
         world_size=world_size,
         local_world_size=local_world_size or world_size,
@@ -245,8 +267,8 @@ def plan_run(
         precise=_precise_bn(cfg, parts),
         graphs=graphs,
         policy=cfg.norm.policy,
-        maps=smallest_map_sizes(cfg),
-        sizes=_sizes_text(cfg),
+        maps=maps,
+        sizes=where,
     )
 
 

@@ -19,7 +19,7 @@ from omegaconf import MISSING
 from norms.policy import NormPolicy
 from trainer.archs import CLASSIFICATION_ARCHS, DETECTION_ARCHS, task_of
 from trainer.cpus import cpus_available
-from trainer.sizing import UNKNOWN_ASPECTS, Sizing
+from trainer.sizing import Sizing
 
 __all__ = ["BatchRenormConfig", "Config", "ConfigError"]
 
@@ -134,11 +134,6 @@ class DataConfig:
     def sizing(self) -> Sizing:
         sizes = tuple(self.min_size) if isinstance(self.min_size, list) else (self.min_size,)
         return Sizing(sizes, self.max_size, self.test_size or sizes[-1])
-
-    def aspects(self) -> tuple[float, ...]:
-        """Long/short ratios the images can have: the generated shapes are square;
-        other data is assumed up to 2:1 (trainer.sizing)."""
-        return (1.0,) if self.dataset == "shapes" else UNKNOWN_ASPECTS
 
     def workers(self, local_world_size: int) -> int:
         """Loader processes per training process: ``auto`` shares this machine's CPUs

@@ -57,6 +57,26 @@ def test_the_policy_counts_values_at_the_training_size(capsys):
     assert "1 x 9 = 9 values" in capsys.readouterr().out
     plan = plan_run(load_config(DET, ["data.min_size=[64,80]", "data.max_size=128"]), 1, "cpu")
     assert plan.maps["backbone"] == (2, 2) and plan.record()["smallest_maps"]["head"] == [1, 1]
+    # data of unknown shape: up to 2:1 assumed (640 x 1280 -> 20 x 40 is not the worst;
+    # the square 640 x 640 is)
+    coco = [
+        "data.dataset=coco",
+        "data.root=/nonexistent",
+        "data.min_size=640",
+        "data.max_size=1333",
+    ]
+    plan = plan_run(load_config(DET, coco), 1, "cpu")
+    assert plan.maps["backbone"] == (20, 20) and "up to 2:1 assumed" in plan.sizes
+
+
+def test_the_data_s_own_aspect_ratios_are_used_when_its_annotation_file_says(tmp_path):
+    _mixed_coco(tmp_path)  # 3:2 and 25:18 images, no square one
+    cfg = load_config(
+        DET, ["data.dataset=coco", f"data.root={tmp_path}", "data.min_size=64", "data.max_size=128"]
+    )
+    plan = plan_run(cfg, 1, "cpu")
+    assert plan.maps["backbone"] == (2, 3)  # 64 x 89 pads to 64 x 96
+    assert "aspect ratios 1.39 to 1.5 in the training data" in plan.sizes
 
 
 def test_sizing_and_anchor_settings_are_checked():
@@ -140,7 +160,8 @@ def test_mixed_size_coco_trains_evaluates_and_predicts_in_image_coordinates(tmp_
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert 0.0 <= [r for r in rows if "eval" in r][-1]["eval"]["mAP50"] <= 1.0
     policy = json.loads((run_dir / "policy.json").read_text())
-    assert policy["smallest_maps"]["backbone"] == [2, 2]  # 64-px short side
+    # the images are 3:2 and 25:18: at a 64-px short side the smallest pads to 64 x 96
+    assert policy["smallest_maps"]["backbone"] == [2, 3]
     capsys.readouterr()
     out = tmp_path / "pred"
     files = [str(root / "val" / f"{i:03d}.jpg") for i in range(4)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "check_batch_fits",
     "describe",
     "eval_loader",
+    "train_aspects",
     "train_loader",
 ]
 
@@ -61,6 +63,24 @@ def build_datasets(
     else:
         make = lambda split, train: IndexedImageFolder(root / split, train=train, seed=seed)  # noqa: E731
     return make("train", True), make("val", False)
+
+
+def train_aspects(dataset: str, root: str) -> tuple[float, ...] | None:
+    """The long/short ratios of the detection training images, from the widths and
+    heights the COCO annotation file lists (None when it cannot be read: the caller
+    assumes); the generated shapes are square."""
+    if dataset == "shapes":
+        return (1.0,)
+    try:
+        with open(Path(root) / "annotations" / "instances_train.json") as f:
+            images = json.load(f)["images"]
+        ratios = {
+            round(max(im["width"], im["height"]) / min(im["width"], im["height"]), 2)
+            for im in images
+        }
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    return tuple(sorted(ratios)) or None
 
 
 def check_batch_fits(samples: int, batch: int, world_size: int) -> None:
