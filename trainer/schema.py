@@ -102,6 +102,10 @@ class DataConfig:
     min_size: Any = 800
     max_size: int = 1333
     test_size: int | None = None
+    # Detection training augmentation (torchvision.transforms.v2): a horizontal flip
+    # always; brightness/contrast/saturation jitter of this strength when > 0 (0.4:
+    # torchvision's ColorJitter at +-40 %)
+    color_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         sizes = self.min_size if isinstance(self.min_size, list | tuple) else [self.min_size]
@@ -115,6 +119,8 @@ class DataConfig:
         self.min_size = list(sizes) if len(sizes) > 1 else sizes[0]
         _at_least("data.max_size", self.max_size, max(sizes))
         _at_least("data.test_size", self.test_size, 16, allow_none=True)
+        if not 0.0 <= self.color_jitter <= 1.0:  # also refuses nan
+            raise ConfigError(f"data.color_jitter must be in [0, 1], got {self.color_jitter}")
         _one_of("data.dataset", self.dataset, ("shapes", "coco", "imagefolder"))
         _one_of("data.bad_boxes", self.bad_boxes, ("drop", "error"))
         _one_of("data.check_images", self.check_images, ("header", "full"))

@@ -58,6 +58,7 @@ def load_datasets(cfg: Config, env: DistEnv):
         bad_boxes=cfg.data.bad_boxes,
         check_images=cfg.data.check_images,
         max_image_pixels=cfg.data.max_image_pixels,
+        color_jitter=cfg.data.color_jitter,
     )
     # Local rank 0 generates (and checks) first; the others read it after.  Each round
     # ends with every rank agreeing on failure, so one rank's bad data stops all of them

@@ -39,6 +39,7 @@ def build_datasets(
     bad_boxes: str = "drop",
     check_images: str = "header",
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    color_jitter: float = 0.0,
 ):
     """(train, val) datasets.  ``generate``: this process may create the shapes data
     (local rank 0; the others wait at a barrier and then find it complete)."""
@@ -59,6 +60,7 @@ def build_datasets(
             bad_boxes=bad_boxes,
             check_images=check_images,
             max_image_pixels=max_image_pixels,
+            color_jitter=color_jitter if train else 0.0,
         )
     else:
         make = lambda split, train: IndexedImageFolder(root / split, train=train, seed=seed)  # noqa: E731

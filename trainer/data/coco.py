@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.errors import DataError
@@ -33,6 +35,7 @@ class CocoDetection(torch.utils.data.Dataset):
         bad_boxes: str = "drop",
         check_images: str = "header",
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        color_jitter: float = 0.0,
     ):
         self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
         if not self.ann_file.is_file():
@@ -67,6 +70,8 @@ class CocoDetection(torch.utils.data.Dataset):
             "categories": categories,
         }
         self.train, self.seed, self.epoch = train, seed, 0
+        jitter = [v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
+        self.transforms = v2.Compose([v2.RandomHorizontalFlip(0.5), *jitter])
 
     def _read(self) -> tuple[list, list, list]:
         """The file's images, annotations and categories, every entry checked for the
@@ -205,16 +210,20 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes = torch.tensor([r[:4] for r in rows], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([r[4] for r in rows], dtype=torch.int64)
         if self.train:
-            # Augmentation drawn from (seed, epoch, index), not from a global RNG, so a run
-            # resumed mid-epoch sees exactly the samples an uninterrupted run would.
-            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, idx)) & 0x7FFFFFFF)
-            if torch.rand((), generator=g) < 0.5:
-                width = image.shape[-1]
-                image = image.flip(-1)
-                boxes = torch.stack(
-                    [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1
-                )
+            image, boxes = self._augment(image, boxes, idx)
         return image, {"boxes": boxes, "labels": labels, "image_id": int(info["id"])}
+
+    def _augment(self, image: torch.Tensor, boxes: torch.Tensor, idx: int):
+        """torchvision.transforms.v2 on the image and its boxes: a horizontal flip, and
+        colour jitter when ``color_jitter`` > 0.  Drawn from (seed, epoch, index), not
+        from the global RNG, so a run resumed mid-epoch sees exactly the samples an
+        uninterrupted run would (the flip is the first draw, as it always was)."""
+        canvas = tuple(image.shape[-2:])
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=canvas)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, idx)) & 0x7FFFFFFF)
+            image, boxes = self.transforms(tv_tensors.Image(image), boxes)
+        return image.as_subclass(torch.Tensor), boxes.as_subclass(torch.Tensor)
 
 
 def collate_detection(batch):
