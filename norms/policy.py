@@ -156,6 +156,10 @@ class NormChoice:
     freeze_ignored: bool = False  # freeze_bn set, but the backbone has no pretrained weights
     local_world_size: int | None = None  # processes per node the groups were planned for
 
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"NormChoice.rule={self.rule!r} is not one of {', '.join(RULES)}")
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("part")

@@ -6,10 +6,9 @@ names used in configs and by the policy: bn, brn, syncbn, syncbrn, gn, frozenbn,
 
 The registry is the one place that knows what each kind is: *BatchNorm-family* (it keeps
 running statistics under BatchNorm's state_dict keys, so checkpoints move between them),
-frozen, synchronized across ranks (and which kind does the same on one process),
-Batch Renorm (it takes the ``norm.brn`` settings), and which classes serve each input
-rank (``nn.BatchNorm1d/2d/3d``).  The policy, conversion, the trainer and the benches ask
-it instead of keeping their own lists.
+frozen, synchronized across ranks, Batch Renorm (it takes the ``norm.brn`` settings), and
+which classes serve each input rank (``nn.BatchNorm1d/2d/3d``).  The policy, conversion,
+the trainer and the benches ask it instead of keeping their own lists.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ __all__ = [
     "kind_facts",
     "is_sync_kind",
     "is_renorm_kind",
-    "local_kind",
     "register_norm",
     "unregister_norm",
     "build_norm",
@@ -48,7 +46,6 @@ class KindFacts:
     frozen: bool  # BatchNorm-family with fixed statistics (FrozenBatchNorm2d)
     sync: bool  # reduces its statistics over a process group
     renorm: bool  # Batch Renorm: takes rmax/dmax/momentum and the clip-limit ramp
-    local: str | None  # the kind that does the same on one process (syncbn -> bn)
 
     @property
     def learns_running_stats(self) -> bool:
@@ -75,14 +72,13 @@ def register_norm(
     frozen: bool = False,
     sync: bool = False,
     renorm: bool = False,
-    local: str | None = None,
     by_rank: dict[int, Callable[..., nn.Module]] | None = None,
 ):
     """Decorator: ``@register_norm("mynorm")`` on a constructor ``f(num_features, **kw)``.
 
     ``batch_norm=True`` declares a BatchNorm-family kind (BatchNorm's buffers and keys),
     ``frozen=True`` one whose statistics never update, ``sync=True`` one that takes a
-    ``process_group`` and reduces over it (``local``: its one-process counterpart),
+    ``process_group`` and reduces over it,
     ``renorm=True`` a Batch Renorm kind; ``by_rank`` maps input rank to the class that
     conversion uses for that rank.
     """
@@ -95,7 +91,7 @@ def register_norm(
                 f"norm kind {name!r} is already registered "
                 f"(to {_NORMS[name].ctor!r}); pass override=True to replace it"
             )
-        facts = KindFacts(batch_norm, frozen, sync, renorm, local)
+        facts = KindFacts(batch_norm, frozen, sync, renorm)
         _NORMS[name] = _Spec(ctor, facts, dict(by_rank or {}))
         return ctor
 
@@ -149,11 +145,6 @@ def is_renorm_kind(kind: str) -> bool:
     return _spec(kind).facts.renorm
 
 
-def local_kind(kind: str) -> str:
-    """The kind one process runs for ``kind`` (syncbn -> bn; others are their own)."""
-    return _spec(kind).facts.local or kind
-
-
 def norm_for_rank(kind: str, rank: int) -> Callable[..., nn.Module]:
     """The constructor of ``kind`` for inputs of ``rank`` (1d/2d/3d)."""
     spec = _spec(kind)
@@ -195,8 +186,8 @@ register_norm(
     renorm=True,
     by_rank={1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
 )(BatchRenorm2d)
-register_norm("syncbn", batch_norm=True, sync=True, local="bn")(SyncBatchNorm)
-register_norm("syncbrn", batch_norm=True, sync=True, renorm=True, local="brn")(SyncBatchRenorm)
+register_norm("syncbn", batch_norm=True, sync=True)(SyncBatchNorm)
+register_norm("syncbrn", batch_norm=True, sync=True, renorm=True)(SyncBatchRenorm)
 register_norm("frozenbn", batch_norm=True, frozen=True, by_rank={2: _frozen_bn})(_frozen_bn)
 register_norm("gn")(group_norm)
 register_norm("none")(_identity)

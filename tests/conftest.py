@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
-    """Shapes data generated once for the whole session, shared by every training test."""
+    """Shapes data generated once per test run, shared by every training test."""
     return tmp_path_factory.mktemp("shapes")
 
 

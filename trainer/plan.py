@@ -35,7 +35,7 @@ __all__ = [
     "RunPlan",
     "model_parts",
     "plan_run",
-    "smallest_maps",
+    "smallest_map_sizes",
 ]
 
 
@@ -72,32 +72,19 @@ def model_parts(cfg: Config) -> dict[str, tuple[int, ...]]:
     return parts
 
 
-def smallest_map_sizes(
-    cfg: Config, aspects: tuple[float, ...] | None = None
-) -> dict[str, tuple[int, int]]:
+def smallest_map_sizes(cfg: Config, aspects: tuple[float, ...]) -> dict[str, tuple[int, int]]:
     """(H, W) of each part's smallest normalized feature map: the policy counts the values
     behind a statistic there (batch x H x W).  A classifier sees data.image_size squares;
-    a detector the training sizes (data.min_size / max_size), at the aspect ratios its
-    data can have (trainer.sizing)."""
+    a detector the training sizes (data.min_size / max_size), at the long/short
+    ``aspects`` its training images can have (trainer.sizing)."""
     stride = BACKBONES[backbone_of(cfg.model.arch)].stride
     if cfg.model.task != "detection":
         side = -(-cfg.data.image_size // stride)
         return {"backbone": (side, side)}
-    sizing, aspects = cfg.data.sizing(), aspects or _aspects(cfg)
+    sizing = cfg.data.sizing()
     last = sizing.smallest_map(stride, aspects)
     # the body's last stage and the FPN's P5 share a stride; the head's smallest is P7
     return {"backbone": last, "neck": last, "head": sizing.smallest_map(HEAD_STRIDE, aspects)}
-
-
-def _aspects(cfg: Config) -> tuple[float, ...]:
-    """The training images' long/short ratios when the data says (the shapes are square;
-    a COCO file lists every image's size), else up to 2:1 assumed."""
-    return train_aspects(cfg.data.dataset, cfg.data.root) or UNKNOWN_ASPECTS
-
-
-def smallest_maps(cfg: Config) -> dict[str, int]:
-    """H x W (positions) of each part's smallest normalized feature map."""
-    return {part: h * w for part, (h, w) in smallest_map_sizes(cfg).items()}
 
 
 def _plan_parts(cfg, world_size: int, device: str, backend: str, local: int | None, sizes, where):

@@ -67,7 +67,7 @@ def spawn():
 
     yield start
     for proc in procs:
-        # torchrun starts each worker in a session of its own: kill the whole tree.
+        # torchrun starts each worker in a process group of its own (setsid): kill the whole tree.
         for pid in [*descendants(proc.pid), proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -76,15 +76,9 @@ def test_kind_facts_are_the_registry_s_and_the_policy_asks_it():
     sync = {k for k in available_norms() if norms.is_sync_kind(k)}
     renorm = {k for k in available_norms() if norms.is_renorm_kind(k)}
     assert sync == {"syncbn", "syncbrn"} and renorm == {"brn", "syncbrn"}
-    assert [norms.local_kind(k) for k in ("syncbn", "syncbrn", "bn", "gn")] == [
-        "bn",
-        "brn",
-        "bn",
-        "gn",
-    ]
     # A kind registered as synchronized is run through the portable path with no other
     # list to edit.
-    register_norm("mysync", batch_norm=True, sync=True, local="bn")(norms.SyncBatchNorm)
+    register_norm("mysync", batch_norm=True, sync=True)(norms.SyncBatchNorm)
     try:
         assert norms.kind_facts("mysync").learns_running_stats
         assert sync_impl("mysync", 2, "cpu", "gloo") == "portable"

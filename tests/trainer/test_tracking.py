@@ -23,17 +23,8 @@ class _BrokenRun:
 
 
 def make(tmp_path, **kw):
-    return RunLogger(
-        tmp_path,
-        enabled=True,
-        wandb_mode="online",
-        project="p",
-        entity=None,
-        name="n",
-        config={"a": 1},
-        run_id=None,
-        **kw,
-    )
+    settings = dict(enabled=True, wandb_mode="online", project="p", entity=None, name="n")
+    return RunLogger(tmp_path, **(settings | {"config": {"a": 1}, "run_id": None} | kw))
 
 
 def test_wandb_failing_to_start_warns_and_metrics_continue(tmp_path, monkeypatch):
@@ -119,16 +110,7 @@ def test_prediction_images_of_mixed_sizes_log_without_wandb_s_size_warning(tmp_p
 
     from tests.trainer.wandb_reader import wandb_runs
 
-    logger = RunLogger(
-        tmp_path,
-        enabled=True,
-        wandb_mode="offline",
-        project="p",
-        entity=None,
-        name="mixed",
-        config={},
-        run_id=None,
-    )
+    logger = make(tmp_path, wandb_mode="offline", name="mixed")
     images = [torch.rand(3, 80, 120), torch.rand(3, 120, 80)]
     out = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1])}
     outputs = [{**out, "scores": torch.tensor([0.9])}] * 2
