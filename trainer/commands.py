@@ -136,7 +136,9 @@ def _detections(run, paths, ids, images, out: Path, score_thresh: float) -> list
         # same object can carry a box per class; predictions.json keeps them all.
         shown = nms(boxes, scores, iou_threshold=0.5).tolist()
         text = [f"{names[j]} {scores[j]:.2f}" for j in shown]
-        drawn = draw_bounding_boxes((image * 255).byte(), boxes[shown], text, colors="red")
+        drawn = (image * 255).byte()
+        if shown:  # (torchvision warns on an empty drawing)
+            drawn = draw_bounding_boxes(drawn, boxes[shown], text, colors="red")
         to_pil_image(drawn).save(out / f"{path.stem}.png")
     return results
 

@@ -24,7 +24,7 @@ from norms import (
 )
 from trainer.archs import BACKBONES, HEAD_STRIDE, backbone_of
 from trainer.config import Config
-from trainer.data import train_aspects
+from trainer.data import dataset_root, train_aspects
 from trainer.graphs import GraphPlan, plan_graphs
 from trainer.sizing import UNKNOWN_ASPECTS
 
@@ -238,9 +238,11 @@ def plan_run(
         amp=t.amp,
         grad_accum=t.grad_accum,
     )
-    known = (
-        train_aspects(cfg.data.dataset, cfg.data.root) if cfg.model.task == "detection" else None
+    d = cfg.data
+    folder = dataset_root(
+        d.dataset, d.root, cfg.model.task, d.image_size, d.num_train, d.num_val, cfg.run.seed
     )
+    known = train_aspects(d.dataset, folder) if cfg.model.task == "detection" else None
     maps = smallest_map_sizes(cfg, known or UNKNOWN_ASPECTS)
     where = _sizes_text(cfg, known)
     parts = _plan_parts(cfg, world_size, device, backend, local_world_size, maps, where)

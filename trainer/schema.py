@@ -79,7 +79,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "shapes"  # shapes (generated) | coco | imagefolder
+    # shapes, scenes (generated on first use into a folder under root) | coco | imagefolder
+    dataset: str = "shapes"
     root: str = "data/shapes"
     image_size: int = 96
     num_train: int = 2000  # shapes only: images generated per split
@@ -121,7 +122,7 @@ class DataConfig:
         _at_least("data.test_size", self.test_size, 16, allow_none=True)
         if not 0.0 <= self.color_jitter <= 1.0:  # also refuses nan
             raise ConfigError(f"data.color_jitter must be in [0, 1], got {self.color_jitter}")
-        _one_of("data.dataset", self.dataset, ("shapes", "coco", "imagefolder"))
+        _one_of("data.dataset", self.dataset, ("shapes", "scenes", "coco", "imagefolder"))
         _one_of("data.bad_boxes", self.bad_boxes, ("drop", "error"))
         _one_of("data.check_images", self.check_images, ("header", "full"))
         _at_least("data.max_image_pixels", self.max_image_pixels, 1)
@@ -358,3 +359,13 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     norm: NormConfig = field(default_factory=NormConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        # A dataset holds one task's labels: catch the mismatch before any data is read.
+        needs = {"scenes": "detection", "coco": "detection", "imagefolder": "classification"}
+        task = needs.get(self.data.dataset)
+        if task is not None and self.model.task != task:
+            raise ConfigError(
+                f"data.dataset={self.data.dataset!r} holds {task} data, but "
+                f"model.arch={self.model.arch!r} is a {self.model.task} model"
+            )

@@ -13,12 +13,15 @@ from trainer.data.coco import CocoDetection, collate_detection
 from trainer.data.errors import DataError
 from trainer.data.grouping import GroupedBatches, aspect_groups
 from trainer.data.images import DEFAULT_MAX_PIXELS
+from trainer.data.scenes import ensure_scenes, scenes_dir
+from trainer.data.scenes import nominal_aspects as scenes_aspects
 from trainer.data.shapes import ensure_shapes, shapes_dir
 
 __all__ = [
     "DataError",
     "build_datasets",
     "check_batch_fits",
+    "dataset_root",
     "describe",
     "eval_loader",
     "train_aspects",
@@ -41,14 +44,13 @@ def build_datasets(
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     color_jitter: float = 0.0,
 ):
-    """(train, val) datasets.  ``generate``: this process may create the shapes data
+    """(train, val) datasets.  ``generate``: this process may create the embedded data
     (local rank 0; the others wait at a barrier and then find it complete)."""
-    if dataset == "shapes":
-        if generate:
-            root = ensure_shapes(root, task, num_train, num_val, image_size, seed)
-        else:
-            root = shapes_dir(root, task, num_train, num_val, image_size, seed)
-    root = Path(root)
+    if dataset == "shapes" and generate:
+        ensure_shapes(root, task, num_train, num_val, image_size, seed)
+    elif dataset == "scenes" and generate:
+        ensure_scenes(root, num_train, num_val, image_size, seed)
+    root = dataset_root(dataset, root, task, image_size, num_train, num_val, seed)
     if not root.exists():
         raise DataError(f"dataset root {root} (data.root) does not exist")
     if task == "detection":
@@ -67,10 +69,23 @@ def build_datasets(
     return make("train", True), make("val", False)
 
 
-def train_aspects(dataset: str, root: str) -> tuple[float, ...] | None:
+def dataset_root(
+    dataset: str, root: str, task: str, image_size: int, num_train: int, num_val: int, seed: int
+) -> Path:
+    """The folder the dataset's files are in: a generated set's own subfolder of
+    ``data.root`` (keyed by its parameters), else ``data.root`` itself."""
+    if dataset == "shapes":
+        return shapes_dir(root, task, num_train, num_val, image_size, seed)
+    if dataset == "scenes":
+        return scenes_dir(root, num_train, num_val, image_size, seed)
+    return Path(root)
+
+
+def train_aspects(dataset: str, root: str | Path) -> tuple[float, ...] | None:
     """The long/short ratios of the detection training images, from the widths and
     heights the COCO annotation file lists (None when it cannot be read: the caller
-    assumes); the generated shapes are square."""
+    assumes).  The generated shapes are square; generated scenes not yet written have
+    their generator's aspect ratios.  ``root``: the dataset's folder (``dataset_root``)."""
     if dataset == "shapes":
         return (1.0,)
     try:
@@ -81,7 +96,7 @@ def train_aspects(dataset: str, root: str) -> tuple[float, ...] | None:
             for im in images
         }
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        return None
+        return scenes_aspects() if dataset == "scenes" else None
     return tuple(sorted(ratios)) or None
 
 

@@ -8,19 +8,17 @@ Written in the same formats users bring, so the very same loaders read a real da
 
 Images hold 1-4 circles, squares and triangles of random size and colour on a random
 two-colour gradient with noise.  Generation writes into a temporary folder and renames it
-into place, so an interrupted run never leaves a half-written dataset that looks complete.
+into place (``trainer.data.generated``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from trainer.data.generated import ensure_generated, write_coco
 
 __all__ = ["CLASSES", "ensure_shapes", "shapes_dir"]
 
@@ -83,28 +81,15 @@ def _det_image(rng: np.random.Generator, size: int):
 
 def _write_detection(out: Path, split: str, n: int, size: int, seed: int) -> None:
     (out / split).mkdir(parents=True)
-    images, annotations = [], []
+    images, objects = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
-        canvas, objects = _det_image(rng, size)
+        canvas, objs = _det_image(rng, size)
         name = f"{i:06d}.png"
         canvas.save(out / split / name)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-        for cls, (x0, y0, x1, y1) in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": cls + 1,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "iscrowd": 0,
-                }
-            )
-    categories = [{"id": k + 1, "name": name} for k, name in enumerate(CLASSES)]
-    (out / "annotations").mkdir(exist_ok=True)
-    with open(out / "annotations" / f"instances_{split}.json", "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+        objects.append(objs)
+    write_coco(out, split, images, objects, CLASSES)
 
 
 def _write_classification(out: Path, split: str, n: int, size: int, seed: int) -> None:
@@ -143,22 +128,10 @@ def ensure_shapes(
     The folder is keyed by its parameters, so changing the size or count generates a new
     one instead of silently reusing the old.
     """
-    kind = "det" if task == "detection" else "cls"
-    target = shapes_dir(root, task, num_train, num_val, size, seed)
-    if (target / "COMPLETE").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write = _write_detection if kind == "det" else _write_classification
+    write = _write_detection if task == "detection" else _write_classification
+
+    def both(tmp: Path) -> None:
         write(tmp, "train", num_train, size, seed)
         write(tmp, "val", num_val, size, seed)
-        (tmp / "COMPLETE").write_text("ok\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep theirs
-            if not (target / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return ensure_generated(shapes_dir(root, task, num_train, num_val, size, seed), both)
