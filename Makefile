@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train demo test lint docs bench bench-threads bench-image-check study study-cls study-det clean
+.PHONY: install train demo test lint docs bench bench-threads bench-image-check study study-cls study-det study-scenes clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,9 +52,9 @@ bench-image-check: $(STAMP)
 # stopped.  `--quick` versions run in make test.
 # The committed classification grid: 5 seeds in every cell; the 2-process lines are read
 # from the 1-process cells at 2B.
-# `make study` runs both: every table, plot and JSON in bench/results/study_{cls,det}.*,
+# `make study` runs all three: every table, plot and JSON in bench/results/study_*.*,
 # and the offline wandb runs (one per training run, grouped per cell) in bench/results/wandb.
-study: study-cls study-det
+study: study-cls study-det study-scenes
 
 STUDY_NORMS := bn brn brn_m01 brn_paper gn
 study-cls: $(STAMP)
@@ -62,11 +62,17 @@ study-cls: $(STAMP)
 
 # The detection grid: bn, brn, gn_ws, auto at B=16..1 and syncbn, syncbrn, auto2 on 2
 # gloo processes at B=4, 2, 1; 3 seeds, 5 at B=8 and 2 x 2 (lines within a point there:
-# brn and gn_ws, syncbn and syncbrn); then the report over the whole grid.
+# brn and gn_ws, syncbn and syncbrn); then the report over the whole grid.  Every run sees
+# 4000 samples and takes at least the B=8 run's 500 steps (the B=16 runs: 500, not 250).
 study-det: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m bench.study_det --seeds 3
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m bench.study_det --seeds 5 --batches 8 --sync-batches 2
 	$(PY) -m bench.study_det --report-only --seeds 5 --no-wandb
+
+# The scenes grid at the preset's own sizing: bn, brn, gn_ws, auto at B=8..1, syncbn,
+# syncbrn, auto2 at 2 x 2 and 2 x 1; seed by seed, so an interrupted grid keeps whole seeds.
+study-scenes: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m bench.study_det --preset scenes --seeds 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results/wandb bench/results/*_quick.*

@@ -1,6 +1,7 @@
-"""The detection study's report: per (line, batch) the seeds' mAP, the results JSON
-schema, the markdown tables (mAP@.5, mAP@[.5:.95], the policy against the best line) and
-the plot."""
+"""The detection studies' report: per (line, batch) the seeds' mAP, the results JSON
+schema, the markdown tables (mAP@.5, mAP@[.5:.95], the policy against the best line,
+every line against the best one with the standard error of the paired difference, and
+mAP against steps where the grid recorded it) and the plot."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def summarize(rows: list[dict]) -> dict:
         c["picked"] = r["kinds"]["backbone"] + ws + ("+precise_bn" if r["precise_bn"] else "")
         if r.get("same_as"):
             c["same_as"] = r["same_as"]
+        if r.get("curve") and r["seed"] == 0:
+            c["curve"] = r["curve"]
     for c in cells.values():
         for k in ("map50", "map"):
             c[f"{k}_mean"], c[f"{k}_std"] = mean_std(c[k])
@@ -54,14 +57,28 @@ def schema(cells: dict) -> dict:
     return {"metric": "COCO mAP@.5 (%); values_map_50_95: mAP@[.5:.95] (%)", "cells": out}
 
 
+def _budget(meta: dict) -> str:
+    floor = meta.get("min_steps")
+    return f"{meta['samples']} training samples per run" + (
+        f" and at least {floor} optimizer steps (the B=8 cell's)" if floor else ""
+    )
+
+
+def _data(meta: dict) -> str:
+    default = (
+        f"shapes detection ({meta['image_size']} px, {meta['num_train']} train / "
+        f"{meta['num_val']} val images)"
+    )
+    return meta.get("data", default)
+
+
 def markdown(cells: dict, meta: dict) -> str:
     batches = sorted({b for _, b in cells}, reverse=True)
     lines = [
-        f"FCOS ResNet-18 FPN on shapes detection ({meta['image_size']} px, "
-        f"{meta['num_train']} train / {meta['num_val']} val images), {meta['samples']} "
-        f"training samples per run, mean ± std over each cell's n seeds (of {meta['seeds']}); "
-        f"{meta['train_min']:.0f} min of training summed over the runs. B = per-device "
-        f"batch (syncbn/syncbrn/auto2: 2 processes x B). {meta['date']}, {meta['machine']}.",
+        f"FCOS ResNet-18 FPN on {_data(meta)}, {_budget(meta)}, mean ± std over each cell's "
+        f"n seeds (of {meta['seeds']}); {meta['train_min']:.0f} min of training summed over "
+        f"the runs. B = per-device batch (syncbn/syncbrn/auto2: 2 processes x B). "
+        f"{meta['date']}, {meta['machine']}.",
     ]
     for key, title in (("map50", "mAP@.5 (%)"), ("map", "mAP@[.5:.95] (%)")):
         lines += ["", f"{title}:", "", "| line | " + " | ".join(f"B={b}" for b in batches) + " |"]
@@ -103,7 +120,61 @@ def markdown(cells: dict, meta: dict) -> str:
             f"{d_mean:+.1f} ± {d_std:.1f} | {bar:.1f} | "
             f"{'yes' if a['map50_mean'] >= bar else 'NO'} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _paired_table(cells, batches) + _curve_table(cells)) + "\n"
+
+
+def _paired_table(cells: dict, batches: list[int]) -> list[str]:
+    """Every line against the best line of its cell (as many processes), mAP@.5 paired by
+    seed: mean difference ± its standard error (std / sqrt(n)), n common seeds."""
+    out = [
+        "",
+        "Each line against the best line of as many processes, mAP@.5, paired by seed "
+        "(difference ± standard error, n seeds):",
+        "",
+        "| B | best | " + " | ".join(n for n in LINES if n not in AUTO) + " |",
+        "|---|---|" + "---|" * sum(n not in AUTO for n in LINES),
+    ]
+    for b in batches:
+        for group in AUTO.values():
+            present = [n for n in group if (n, b) in cells]
+            if not present:
+                continue
+            best = max(present, key=lambda n: cells[n, b]["map50_mean"])
+            row = []
+            for n in (n for n in LINES if n not in AUTO):
+                if n not in present or n == best:
+                    row.append("–" if n != best else "best")
+                    continue
+                a, c = cells[n, b], cells[best, b]
+                d = paired_differences(a["map50"], a["seeds"], c["map50"], c["seeds"])
+                mean, std = mean_std(d)
+                row.append(f"{mean:+.1f} ± {std / max(1, len(d)) ** 0.5:.1f} (n={len(d)})")
+            out.append(
+                f"| {b} | {best} {cells[best, b]['map50_mean']:.1f} | " + " | ".join(row) + " |"
+            )
+    return out
+
+
+def _curve_table(cells: dict) -> list[str]:
+    """mAP against optimizer steps for the lines that recorded it (seed 0)."""
+    curves = {n: c["curve"] for (n, _b), c in cells.items() if "curve" in c}
+    if not curves:
+        return []
+    batch = next(b for (n, b), c in cells.items() if "curve" in c)
+    steps = sorted({p[0] for curve in curves.values() for p in curve})
+    out = [
+        "",
+        f"mAP@.5 (%) against optimizer steps at B={batch}, seed 0 (is the schedule converged?):",
+        "",
+        "| line | " + " | ".join(str(s) for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for n, curve in sorted(curves.items(), key=lambda kv: LINES.index(kv[0])):
+        at = {p[0]: p[1] for p in curve}
+        out.append(
+            f"| {n} | " + " | ".join(f"{100 * at[s]:.1f}" if s in at else "–" for s in steps) + " |"
+        )
+    return out
 
 
 LABELS = {
@@ -145,7 +216,7 @@ def plot(cells: dict, meta: dict, path: Path) -> None:
         for key, ylabel in (("map50", "mAP@.5 (%)"), ("map", "mAP@[.5:.95] (%)"))
     ]
     title = (
-        f"FCOS ResNet-18 FPN on shapes ({meta['image_size']} px), {meta['samples']} samples "
-        f"per run, mean ± std over each cell's seeds (of {meta['seeds']})"
+        f"FCOS ResNet-18 FPN on {_data(meta).split(' (')[0]}, {_budget(meta)},\n"
+        f"mean ± std over each cell's seeds (of {meta['seeds']})"
     )
     plot_vs_batch(panels, batches, path, title)

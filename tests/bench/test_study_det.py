@@ -78,3 +78,40 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
     result = json.loads((out / "study_det_quick.json").read_text())
     assert ("gn_ws", 8) not in {(c["norm"], c["batch"]) for c in result["cells"]}
     assert "(n=1)" in (out / "study_det_quick.md").read_text()
+
+
+def test_quick_scenes_study_trains_the_preset_at_its_sizing_with_a_curve(tmp_path):
+    out, data = tmp_path / "out", tmp_path / "data"
+    args = ["--preset", "scenes", "--quick", "--lines", "bn", "gn_ws", "auto", "--no-wandb"]
+    proc = run_bench("study_det.py", *args, "--out", out, "--data-root", data, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "study_scenes_quick.json").read_text())
+    assert result["meta"]["preset"] == "scenes" and "both orientations" in result["meta"]["data"]
+    runs = {(r["line"], r["batch"]): r for r in result["runs"]}
+    assert set(runs) == {(n, b) for n in ("bn", "gn_ws", "auto") for b in (8, 2)}
+    # the preset's scenes, generated at their own size, not the 64-px shapes grid's
+    assert next(data.glob("scenes_320px_32_8_s0_*")).is_dir()
+    # At the preset's sizes B=2 still has 2 x 5 x 5 values per statistic: Batch Renorm
+    assert runs["auto", 2]["kinds"]["backbone"] == "brn"
+    # the one-process B=8 runs of seed 0 (not auto: it is bn's run) evaluated along the
+    # way; the last point is the run's final result
+    for line in ("bn", "gn_ws"):
+        curve = runs[line, 8]["curve"]
+        assert [p[0] for p in curve] == [1, 2] and curve[-1][1] == runs[line, 8]["mAP50"]
+    assert "curve" not in runs["bn", 2]
+    table = (out / "study_scenes_quick.md").read_text()
+    assert "against optimizer steps at B=8" in table and "standard error" in table
+
+
+def test_the_step_floor_is_recorded_only_in_the_cells_where_it_binds():
+    from bench.study_det import PRESETS, _cell, _parser, _resolve, overrides
+
+    args = _resolve(_parser(), ["--samples", "4000", "--min-steps", "500"])
+    assert PRESETS["shapes"].batches[0] == 16
+    b16 = _cell(args, "bn", 16, 0, {})
+    b8 = _cell(args, "bn", 8, 0, {})
+    assert b16["min_steps"] == 500 and "min_steps" not in b8
+    assert "train.max_steps=500" in overrides(b16, "x") and "train.max_steps=500" in overrides(
+        b8, "x"
+    )  # B=16 would have had 250 steps of 4000 samples
+    assert "train.max_steps=4000" in overrides(_cell(args, "bn", 1, 0, {}), "x")
