@@ -45,9 +45,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from norms.registry import available_norms, is_sync_kind
+from norms.words import Word
 
 __all__ = [
     "PARTS",
@@ -62,6 +62,17 @@ __all__ = [
 PARTS = ("backbone", "neck", "head")
 
 
+class HeadKind(Word):
+    gn = "gn"
+    same = "same"
+
+
+class SmallBatch(Word):
+    auto = "auto"
+    gn = "gn"
+    brn = "brn"
+
+
 @dataclass
 class NormPolicy:
     """The policy's settings: the ``norm.policy`` section of a run's config (the trainer
@@ -72,21 +83,20 @@ class NormPolicy:
     # ranks of a sync group).  8, and min_values 8, from the studies (module docstring).
     min_batch: int = 8
     local_bn_batch: int | None = None  # keep local BN at/above this per-device batch
-    head_kind: str = "gn"  # gn | same (the backbone's rule)
+    head_kind: HeadKind = HeadKind.gn  # gn | same (the backbone's rule)
     head_ws: bool = True  # Weight Standardization on a GroupNorm head's convs
     # Below min_batch: auto (Batch Renorm -- synchronized on several ranks -- while the
     # batch x H x W values behind each statistic at the part's smallest normalized map
     # reach min_values; else GroupNorm) | gn (GroupNorm; WS on the part's convs when
     # gn_ws) | brn (Batch Renorm).
-    small_batch: str = "auto"
+    small_batch: SmallBatch = SmallBatch.auto
     min_values: int = 8
     gn_ws: bool = True
     freeze_bn: bool = False  # frozenbn for a backbone loaded from pretrained weights
     gn_groups: int | None = None  # null: choose_groups(C) per layer
     # Ranks per SyncBN/SyncBRN group: auto (the fewest consecutive ranks whose combined
     # batch reaches min_batch, inside a node when one can) | world | an int dividing it.
-    # Typed Any: OmegaConf has no str-or-int type.
-    sync_group: Any = "auto"
+    sync_group: int | str = "auto"
 
     def __post_init__(self) -> None:
         def at_least(key: str, low: int, allow_none: bool = False) -> None:
@@ -101,12 +111,14 @@ class NormPolicy:
         at_least("local_bn_batch", 1, allow_none=True)
         at_least("min_values", 1)
         at_least("gn_groups", 1, allow_none=True)
-        for key, options in (("head_kind", HEAD_KINDS), ("small_batch", SMALL_BATCH)):
-            if getattr(self, key) not in options:
+        for key, options in (("head_kind", HeadKind), ("small_batch", SmallBatch)):
+            # (a plain select_norm call passes words; the config passes members)
+            if getattr(self, key) not in set(options):
                 raise ValueError(
                     f"norm.policy.{key}={getattr(self, key)!r} is not one of "
-                    f"{', '.join(map(repr, options))}"
+                    f"{', '.join(repr(o.value) for o in options)}"
                 )
+            setattr(self, key, options(getattr(self, key)))
         sync = self.sync_group
         if sync not in ("auto", "world") and (
             isinstance(sync, bool) or not isinstance(sync, int) or sync < 1
@@ -115,9 +127,6 @@ class NormPolicy:
                 f"norm.policy.sync_group must be 'auto', 'world' or an integer >= 1, got {sync!r}"
             )
 
-
-HEAD_KINDS = ("gn", "same")
-SMALL_BATCH = ("auto", "gn", "brn")
 
 # Which rule decided a part (NormChoice.rule), in order of precedence.
 RULES = (
@@ -138,7 +147,7 @@ RULES = (
 
 @dataclass(frozen=True)
 class NormChoice:
-    """One part's decision and the facts behind it; ``explain()`` words it."""
+    """One part's decision and the facts behind it; ``trainer.explain`` words it."""
 
     part: str
     kind: str
@@ -319,7 +328,7 @@ def select_norm(
     groups stay inside a node when they can); ``device``/``backend`` decide ``impl``;
     ``channels`` (the part's layer widths, when known) let GN group counts be checked;
     ``spatial`` (H x W of the part's smallest normalized feature map, when known) counts
-    the values behind each statistic below min_batch.  ``explain()`` words the result."""
+    the values behind each statistic below min_batch.  ``trainer.explain`` words the result."""
     p = policy or NormPolicy()
     _check_inputs(world_size, per_device_batch, part, spatial, override)
     channels = tuple(channels)

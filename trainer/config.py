@@ -129,7 +129,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
 
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    # words, not enum members: a checkpoint's config loads with torch.load(weights_only)
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
 def to_yaml(cfg: Config) -> str:

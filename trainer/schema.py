@@ -3,9 +3,13 @@ where it is declared, and each section's own range checks (``__post_init__``), w
 name the dotted key and the value.  The norm policy's section is ``norms.NormPolicy``.
 ``trainer.config`` loads YAML and overrides into it.
 
-Fields typed ``Any`` take a number or a word (``run.threads: auto | 4``, the Batch Renorm
-schedule's int-or-fraction, ``sync_group: auto | world | 4``): OmegaConf has no union of
-int and str, so their ``__post_init__`` checks the type instead."""
+Closed sets of words are ``Word`` enums (norms.words): OmegaConf refuses any other word,
+naming the key and the choices, and a member compares equal to its word.  A
+number-or-word field is a union (``run.threads: int | str``), checked further in
+``__post_init__``.  Two fields stay looser, each for a reason given where it is declared:
+``data.min_size`` (an int or a list: OmegaConf has no union with a list) and the
+tri-states ``train.cuda_graphs`` / ``norm.precise_bn.enabled`` (YAML turns their
+true/false into booleans)."""
 
 from __future__ import annotations
 
@@ -17,11 +21,62 @@ from typing import Any
 from omegaconf import MISSING
 
 from norms.policy import NormPolicy
+from norms.words import Word
 from trainer.archs import CLASSIFICATION_ARCHS, DETECTION_ARCHS, task_of
 from trainer.cpus import cpus_available
 from trainer.sizing import Sizing
 
 __all__ = ["BatchRenormConfig", "Config", "ConfigError"]
+
+
+# The closed sets of words (each member's name is its value, so YAML round-trips).
+class Device(Word):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Dataset(Word):
+    shapes = "shapes"
+    scenes = "scenes"
+    coco = "coco"
+    imagefolder = "imagefolder"
+
+
+class BadBoxes(Word):
+    drop = "drop"
+    error = "error"
+
+
+class CheckImages(Word):
+    header = "header"
+    full = "full"
+
+
+class Optimizer(Word):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Amp(Word):
+    none = "none"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class WandbMode(Word):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Backend(Word):
+    auto = "auto"
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+Arch = Word("Arch", [(a, a) for a in DETECTION_ARCHS + CLASSIFICATION_ARCHS])
 
 
 class ConfigError(ValueError):
@@ -47,16 +102,15 @@ class RunConfig:
     name: str = MISSING  # required: every run has a name (its output folder)
     output_dir: str = "runs"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     deterministic: bool = False
     # torch's intra-op threads per process: auto (OMP_NUM_THREADS when set, else this
     # process's share of the CPUs it may run on) | an int >= 1.  torch's default (every
     # core in every process) oversubscribes a machine running several training processes;
     # see docs/training.md, "CPU threads".
-    threads: Any = "auto"
+    threads: int | str = "auto"
 
     def __post_init__(self) -> None:
-        _one_of("run.device", self.device, ("auto", "cpu", "cuda"))
         if self.threads != "auto" and (
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
@@ -80,27 +134,27 @@ class RunConfig:
 @dataclass
 class DataConfig:
     # shapes, scenes (generated on first use into a folder under root) | coco | imagefolder
-    dataset: str = "shapes"
+    dataset: Dataset = Dataset.shapes
     root: str = "data/shapes"
     image_size: int = 96
     num_train: int = 2000  # shapes only: images generated per split
     num_val: int = 300
-    num_workers: Any = "auto"  # auto: min(8, CPUs per local process) | an int >= 0
+    num_workers: int | str = "auto"  # auto: min(8, CPUs per local process) | an int >= 0
     # COCO boxes that are empty or reach outside their image: drop (with one warning
     # naming them) | error
-    bad_boxes: str = "drop"
+    bad_boxes: BadBoxes = BadBoxes.drop
     # Start-up check of every COCO image: header (size, chunk structure and a whole file:
     # PNG's IEND, JPEG's EOI) | full (decode every image).  Files unchanged since a
     # previous start are not opened again (a cache in ~/.cache/normpilot or
     # $NORMPILOT_CACHE_DIR); bench/results/image_check.md gives the costs
-    check_images: str = "header"
+    check_images: CheckImages = CheckImages.header
     max_image_pixels: int = 89_478_485  # larger images are refused at start-up (PIL's limit)
     # Detection sizing (detectron2 / torchvision): the shorter side when training, an int
     # or a list (one drawn per image: multi-scale training), unless the longer side would
     # exceed max_size; test_size for eval and predict (null: the last min_size).  The
     # defaults are torchvision's (800, 1333); data.image_size is only the generated
     # shapes' size, and the shapes presets set min_size = max_size = ${data.image_size}.
-    min_size: Any = 800
+    min_size: Any = 800  # int | list[int]: OmegaConf has no union with a list
     max_size: int = 1333
     test_size: int | None = None
     # Detection training augmentation (torchvision.transforms.v2): a horizontal flip
@@ -122,9 +176,6 @@ class DataConfig:
         _at_least("data.test_size", self.test_size, 16, allow_none=True)
         if not 0.0 <= self.color_jitter <= 1.0:  # also refuses nan
             raise ConfigError(f"data.color_jitter must be in [0, 1], got {self.color_jitter}")
-        _one_of("data.dataset", self.dataset, ("shapes", "scenes", "coco", "imagefolder"))
-        _one_of("data.bad_boxes", self.bad_boxes, ("drop", "error"))
-        _one_of("data.check_images", self.check_images, ("header", "full"))
         _at_least("data.max_image_pixels", self.max_image_pixels, 1)
         _at_least("data.image_size", self.image_size, 16)
         _at_least("data.num_train", self.num_train, 1)
@@ -153,7 +204,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "fcos_resnet18_fpn"
+    arch: Arch = Arch.fcos_resnet18_fpn
     num_classes: int = 3
     fpn_channels: int = 64
     backbone_weights: str | None = None  # local path to torchvision backbone weights
@@ -170,7 +221,6 @@ class ModelConfig:
                 f"model.anchor_sizes must be 5 positive sizes (P3-P7) or null, "
                 f"got {list(self.anchor_sizes)}"
             )
-        _one_of("model.arch", self.arch, DETECTION_ARCHS + CLASSIFICATION_ARCHS)
         _at_least("model.num_classes", self.num_classes, 1)
         _at_least("model.fpn_channels", self.fpn_channels, 1)
 
@@ -184,18 +234,20 @@ class TrainConfig:
     per_device_batch: int = 4  # samples in one forward pass of one process
     grad_accum: int = 1  # micro-batches per optimizer step (does not enlarge norm batches)
     max_steps: int = 500  # optimizer steps
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: Optimizer = Optimizer.sgd
     lr: float = 0.01  # at ref_batch; scaled linearly with the global batch
     ref_batch: int = 16
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     clip_grad_norm: float | None = 10.0
-    amp: str = "none"  # none | bf16 | fp16
+    amp: Amp = Amp.none
     channels_last: bool = False
     compile: bool = False  # classifiers whole; detectors: backbone + FPN only
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no codegen)
-    cuda_graphs: str = "auto"  # auto | true | false: capture forward+backward (CUDA only)
+    # auto | true | false: capture forward+backward (CUDA only).  A word, not an enum:
+    # YAML and key=value turn true/false into booleans, which the field turns back.
+    cuda_graphs: str = "auto"
     log_interval: int = 10
     eval_interval: int = 0  # 0: evaluate at the end only
 
@@ -203,7 +255,6 @@ class TrainConfig:
         _at_least("train.per_device_batch", self.per_device_batch, 1)
         _at_least("train.grad_accum", self.grad_accum, 1)
         _at_least("train.max_steps", self.max_steps, 1)
-        _one_of("train.optimizer", self.optimizer, ("sgd", "adamw"))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
         _at_least("train.ref_batch", self.ref_batch, 1)
@@ -212,7 +263,6 @@ class TrainConfig:
         _at_least("train.weight_decay", self.weight_decay, 0)
         _at_least("train.warmup_steps", self.warmup_steps, 0)
         _at_least("train.clip_grad_norm", self.clip_grad_norm, 0, allow_none=True)
-        _one_of("train.amp", self.amp, ("none", "bf16", "fp16"))
         # YAML and key=value turn true/false into booleans; the field keeps the words.
         self.cuda_graphs = str(self.cuda_graphs).lower()
         _one_of("train.cuda_graphs", self.cuda_graphs, ("auto", "true", "false"))
@@ -232,7 +282,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "normpilot"
     entity: str | None = None
     # Seconds wandb.init may take (online: reaching the server) before the run goes on
@@ -240,7 +290,6 @@ class WandbConfig:
     init_timeout: float = 90.0
 
     def __post_init__(self) -> None:
-        _one_of("wandb.mode", self.mode, ("online", "offline", "disabled"))
         if not (self.init_timeout > 0 and math.isfinite(self.init_timeout)):
             raise ConfigError(f"wandb.init_timeout must be > 0, got {self.init_timeout}")
 
@@ -279,9 +328,9 @@ class BatchRenormConfig:
     # hold_steps, then rmax ramps to its value at warmup_steps and dmax at d_warmup_steps
     # (null: with rmax).  The paper's Inception-v3 run: hold 5k, dmax by 25k, rmax by 40k
     # (measured as the "paper's schedule" variant: hold 0.125, d 0.625, r 1.0).
-    hold_steps: Any = 0
-    warmup_steps: Any = 0.25
-    d_warmup_steps: Any = None
+    hold_steps: int | float = 0
+    warmup_steps: int | float = 0.25
+    d_warmup_steps: int | float | None = None
 
     def __post_init__(self) -> None:
         _at_least("norm.brn.rmax", self.rmax, 1.0)
@@ -321,7 +370,7 @@ class BatchRenormConfig:
 class PreciseBNConfig:
     # auto: on when a BatchNorm-family layer that learns running statistics trains at a
     # per-device batch below norm.policy.min_batch (its moving average is then noisy).
-    enabled: str = "auto"  # auto | true | false
+    enabled: str = "auto"  # auto | true | false (a word: see train.cuda_graphs)
     # Batches of train.per_device_batch per recalibration, before every eval and save.
     num_batches: int = 50
 
@@ -341,11 +390,10 @@ class NormConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    backend: Backend = Backend.auto  # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 600
 
     def __post_init__(self) -> None:
-        _one_of("dist.backend", self.backend, ("auto", "nccl", "gloo"))
         _at_least("dist.timeout_s", self.timeout_s, 1)
 
 

@@ -68,15 +68,18 @@ def test_interpolations_resolve_once_and_saved_config_is_resolved(tmp_path):
         ("train.per_device_batch=abc", r"train.per_device_batch: Value 'abc'.*Integer"),
         ("train.per_device_batch=0", r"train.per_device_batch must be >= 1, got 0"),
         ("train.max_steps=-5", r"train.max_steps must be >= 1, got -5"),
-        ("wandb.mode=cloud", r"wandb.mode='cloud' is not one of 'online', 'offline', 'disabled'"),
+        (
+            "wandb.mode=cloud",
+            r"wandb.mode: Invalid value 'cloud', expected one of \[online, offline, disabled\]",
+        ),
         ("wandb.init_timeout=0", r"wandb.init_timeout must be > 0, got 0"),
         ("norm.override.neck=layernorm", r"norm.override.neck='layernorm' is not a norm kind"),
         ("norm.policy.min_batch=0", r"norm.policy.min_batch must be >= 1, got 0"),
-        ("train.amp=fp8", r"train.amp='fp8'"),
-        ("model.arch=vgg16", r"model.arch='vgg16'"),
+        ("train.amp=fp8", r"train.amp: Invalid value 'fp8'"),
+        ("model.arch=vgg16", r"model.arch: Invalid value 'vgg16'"),
         ("train.lr=0", r"train.lr must be a finite number > 0, got 0"),
-        ("run.device=tpu", r"run.device='tpu'"),
-        ("dist.backend=mpi", r"dist.backend='mpi'"),
+        ("run.device=tpu", r"run.device: Invalid value 'tpu'"),
+        ("dist.backend=mpi", r"dist.backend: Invalid value 'mpi'"),
         ("no_equals_sign", r"'no_equals_sign' is not of the form key=value"),
     ],
 )
@@ -109,7 +112,10 @@ def test_num_workers_auto_shares_the_cpus(monkeypatch):
     cfg = load_config(ROOT / "configs/shapes_det.yaml", ["data.num_workers=3"])
     assert cfg.data.workers(8) == 3
     for bad in ("-1", "many", "1.5"):
-        with pytest.raises(ConfigError, match="data.num_workers must be 'auto' or an integer"):
+        # (OmegaConf refuses a float for the int-or-word field; the schema the rest)
+        with pytest.raises(
+            ConfigError, match="data.num_workers(: Value '1.5'| must be 'auto' or an integer)"
+        ):
             load_config(ROOT / "configs/shapes_det.yaml", [f"data.num_workers={bad}"])
 
 
