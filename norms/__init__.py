@@ -4,7 +4,6 @@ conversion and the per-run norm policy."""
 
 from norms.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, renorm_diagnostics
 from norms.convert import convert_norms, is_batch_norm, running_stat_layers
-from norms.explain import explain
 from norms.group_norm import choose_groups, group_norm
 from norms.per_level import PerLevelNorm, per_level_norms
 from norms.policy import PARTS, NormChoice, NormPolicy, resolve_device, select_norm
@@ -44,7 +43,6 @@ __all__ = [
     "choose_groups",
     "convert_convs_to_ws",
     "convert_norms",
-    "explain",
     "get_norm",
     "group_norm",
     "is_batch_norm",

@@ -1,7 +1,9 @@
 """A policy decision in words: the reason column of the policy table and policy.json.
 
-``select_norm`` decides from numbers and returns them (``NormChoice``); this module is the
-one place that turns a decision into text, so wording never feeds back into a decision.
+``norms.select_norm`` decides from numbers and returns them (``NormChoice``); this module
+is the one place that turns a decision into text, so wording never feeds back into a
+decision.  It lives in the trainer because its words are the run's config keys
+(``norm.policy.small_batch=brn``), which the norms library does not know.
 """
 
 from __future__ import annotations

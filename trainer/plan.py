@@ -18,13 +18,13 @@ from norms import (
     NormChoice,
     NormPolicy,
     choose_groups,
-    explain,
     learns_running_stats,
     select_norm,
 )
 from trainer.archs import BACKBONES, HEAD_STRIDE, backbone_of
 from trainer.config import Config
 from trainer.data import dataset_root, train_aspects
+from trainer.explain import explain
 from trainer.graphs import GraphPlan, plan_graphs
 from trainer.sizing import UNKNOWN_ASPECTS
 

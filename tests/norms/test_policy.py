@@ -1,6 +1,7 @@
 import pytest
 
-from norms import PARTS, NormPolicy, explain, select_norm
+from norms import PARTS, NormPolicy, select_norm
+from trainer.explain import explain
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,7 @@ def test_objects_cover_every_class_small_and_large_and_overlap(scenes):
     for a in anns:
         x, y, w, h = a["bbox"]
         W, H = dims[a["image_id"]]
-        assert 0 <= x and 0 <= y and x + w <= W and y + h <= H and w >= 3 and h >= 3
+        assert x >= 0 and y >= 0 and x + w <= W and y + h <= H and w >= 3 and h >= 3
         sides.append((w * h) ** 0.5)
     assert min(sides) < 16 and max(sides) > 96  # COCO "small" and "large" objects
     overlaps = 0
