@@ -23,10 +23,11 @@ training): mAP against steps, which shows whether the schedule has converged.
 
 Lines: ``bn``, ``brn`` (the backbone and FPN forced to that kind, Batch Renorm with the
 trainer's ``norm.brn`` defaults, which its cells record; the head is the policy's
-GroupNorm + WS everywhere; no precise BN), ``gn_ws`` (GroupNorm + Weight Standardization
-in the backbone and FPN too), ``auto`` (the policy's choice, precise BN included where it
-turns it on), and on 2 processes of B each ``syncbn`` / ``syncbrn`` (no precise BN) and
-``auto2``, the policy's choice there (``norm: auto, world: 2`` in the JSON).
+GroupNorm + WS everywhere), ``gn_ws`` (GroupNorm + Weight Standardization in the backbone
+and FPN too), ``auto`` (the policy's choice, precise BN included where it turns it on),
+and on 2 processes of B each ``syncbn`` / ``syncbrn`` and ``auto2``, the policy's choice
+there (``norm: auto, world: 2`` in the JSON).  The shapes grid's forced lines run without
+precise BN; the scenes grid's with the trainer's own rule for it (on below min_batch).
 
 An ``auto`` (``auto2``) cell whose resolved plan (each part's kind, WS and sync group, and
 precise BN) is that of a one-process (2-process) line's cell at the same batch and seed
@@ -89,16 +90,20 @@ class Preset:
     # the 64-px grid's anchors: the preset's sizes scaled to its images (image_size // 12
     # at P3), as its cells were trained; the scenes preset trains with its own
     pin_anchors: bool
+    # the 64-px grid's forced lines run without precise BN; the scenes grid's lines get
+    # the trainer's own treatment of their kind (precise BN on below min_batch), so a
+    # line is what a user who picks that kind gets, and the policy's pick is that run
+    forced_lines_precise_bn: bool
 
 
 PRESETS = {
     "shapes": Preset(
         ROOT / "configs/shapes_det.yaml", "study_det", ROOT / "data/shapes",
-        (16, 8, 4, 2, 1), (4, 2, 1), 4000, 1000, 200, 64, 0, True,
+        (16, 8, 4, 2, 1), (4, 2, 1), 4000, 1000, 200, 64, 0, True, False,
     ),
     "scenes": Preset(
         ROOT / "configs/scenes_det.yaml", "study_scenes", ROOT / "data/scenes",
-        (8, 4, 2, 1), (2, 1), 6000, 2000, 500, 320, 6, False,
+        (8, 4, 2, 1), (2, 1), 3000, 2000, 500, 320, 4, False, True,
     ),
 }  # fmt: skip
 
@@ -155,7 +160,11 @@ def overrides(cell: dict, out_dir: str) -> list[str]:
         f"run.seed={cell['seed']}",
         f"run.output_dir={out_dir}",
         f"run.name={cell['line']}_b{cell['batch']}_s{cell['seed']}",
-        *OVERRIDES[cell["line"]],
+        *(
+            o
+            for o in OVERRIDES[cell["line"]]
+            if not (preset.forced_lines_precise_bn and o.startswith("norm.precise_bn."))
+        ),
     ]
 
 

@@ -92,7 +92,10 @@ def test_quick_scenes_study_trains_the_preset_at_its_sizing_with_a_curve(tmp_pat
     # the preset's scenes, generated at their own size, not the 64-px shapes grid's
     assert next(data.glob("scenes_320px_32_8_s0_*")).is_dir()
     # At the preset's sizes B=2 still has 2 x 5 x 5 values per statistic: Batch Renorm
-    assert runs["auto", 2]["kinds"]["backbone"] == "brn"
+    # with precise BN, which is the brn line's run here (its lines get the trainer's own
+    # precise-BN rule), so auto takes that run
+    assert runs["auto", 2]["kinds"]["backbone"] == "brn" and runs["auto", 2]["precise_bn"]
+    assert runs["auto", 2]["same_as"] == "brn" and runs["bn", 2]["precise_bn"]
     # the one-process B=8 runs of seed 0 (not auto: it is bn's run) evaluated along the
     # way; the last point is the run's final result
     for line in ("bn", "gn_ws"):
