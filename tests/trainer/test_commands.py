@@ -154,7 +154,8 @@ import sys, json, torch
 import torchvision  # registers torchvision's ops (nms) that the detection program calls
 for name in ("norms", "trainer"):
     sys.modules[name] = None  # any import of the project now fails
-program = torch.jit.load(sys.argv[1])
+path = sys.argv[1]
+program = torch.export.load(path).module() if path.endswith(".pt2") else torch.jit.load(path)
 inputs = torch.load(sys.argv[2])
 with torch.no_grad():
     out = program(inputs["images"]) if inputs["task"] == "detection" else program(inputs["batch"])
@@ -184,29 +185,42 @@ def test_export_runs_without_the_project_and_matches_the_checkpoint(
         with torch.no_grad():
             expected = run.model(batch)
     torch.save(inputs, tmp_path / "inputs.pt")
+    # every program the export wrote: the classifier's .pt2 (torch.export) and .ts, the
+    # detector's .ts (model.json says why it has no .pt2)
+    programs = [spec["program"]] + ([spec["exported_program"]] if spec["exported_program"] else [])
+    assert programs == (["model.ts"] if name == "det" else ["model.ts", "model.pt2"])
+    assert (spec["exported_program_missing"] is None) == (name == "cls")
+    for program in programs:
+        got = _run_blocked(tmp_path / program, tmp_path)
+        if spec["task"] == "detection":
+            for g, e in zip(got, expected, strict=True):
+                for k in ("boxes", "scores", "labels"):
+                    torch.testing.assert_close(g[k], e[k], rtol=1e-4, atol=1e-4)
+            assert spec["norms"]["backbone"] == "bn"  # Batch Renorm exported as BatchNorm
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    if name == "cls":  # the exported program takes another batch size
+        other = torch.rand(3, *batch.shape[1:])
+        torch.save({"task": "classification", "batch": other}, tmp_path / "inputs.pt")
+        with torch.no_grad():
+            expected = run.model(other)
+        got = _run_blocked(tmp_path / "model.pt2", tmp_path)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _run_blocked(program: Path, tmp_path: Path):
+    """The program's outputs on tmp_path/inputs.pt, in a process that cannot import the
+    project."""
+    out = tmp_path / "out.pt"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            BLOCKED,
-            str(tmp_path / "model.ts"),
-            str(tmp_path / "inputs.pt"),
-            str(tmp_path / "out.pt"),
-        ],
+        [sys.executable, "-c", BLOCKED, str(program), str(tmp_path / "inputs.pt"), str(out)],
         capture_output=True,
         text=True,
         env=subprocess_env(),
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(tmp_path / "out.pt")
-    if spec["task"] == "detection":
-        for g, e in zip(got, expected, strict=True):
-            for k in ("boxes", "scores", "labels"):
-                torch.testing.assert_close(g[k], e[k], rtol=1e-4, atol=1e-4)
-        assert spec["norms"]["backbone"] == "bn"  # Batch Renorm exported as BatchNorm
-    else:
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    return torch.load(out)
 
 
 def test_runs_lists_every_run_and_the_console_script_works(runs):
