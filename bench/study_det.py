@@ -103,7 +103,7 @@ PRESETS = {
     ),
     "scenes": Preset(
         ROOT / "configs/scenes_det.yaml", "study_scenes", ROOT / "data/scenes",
-        (8, 4, 2, 1), (2, 1), 3000, 2000, 500, 320, 4, False, True,
+        (8, 4, 2, 1), (2, 1), 4000, 2000, 500, 320, 4, False, True,
     ),
 }  # fmt: skip
 
