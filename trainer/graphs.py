@@ -11,9 +11,17 @@ the backward of the static part once and replays them every step:
 
 The optimizer step stays eager.  Batch Renorm's clip-limit ramp and step count are
 device tensors updated inside the graph (``norms.batch_renorm``), so they keep advancing
-on replay.  ``plan_graphs`` decides (auto: on for a single CUDA process); ``capture``
-does it in place: parameters, buffers and state_dict keys are unchanged, eval mode and
-any batch of another shape run the original eager forward.
+on replay.  ``plan_graphs`` decides (auto: on for a single CUDA process whose batches
+all have one shape); ``capture`` does it in place: parameters, buffers and state_dict
+keys are unchanged, eval mode and any batch of another shape run the original eager
+forward, and ``GraphCounts`` (``model.graph_counts``) counts replayed and eager steps
+for the log.
+
+A graph holds one input shape.  Detection batches of mixed sizes (multi-scale training,
+or images of several aspect ratios) have many padded shapes; padding them all to a few
+fixed canvases would change the statistics every norm computes (BatchNorm's over the
+batch, GroupNorm's per image: both count the padded zeros), so ``auto`` runs such a
+detector eagerly and says why, rather than capturing a shape most steps miss.
 """
 
 from __future__ import annotations
@@ -25,7 +33,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["GraphPlan", "plan_graphs", "capture"]
+__all__ = ["GraphCounts", "GraphPlan", "plan_graphs", "capture"]
+
+
+@dataclass
+class GraphCounts:
+    """Training forwards of a graphed model: replayed from the graph, or run eagerly
+    because the batch had another shape."""
+
+    replayed: int = 0
+    eager: int = 0
+
+    def as_dict(self) -> dict:
+        return {"graph_replays": self.replayed, "graph_eager": self.eager}
 
 
 @dataclass(frozen=True)
@@ -38,7 +58,14 @@ class GraphPlan:
 
 
 def plan_graphs(
-    setting: str, *, device: str, world_size: int, compile: bool, amp: str, grad_accum: int
+    setting: str,
+    *,
+    device: str,
+    world_size: int,
+    compile: bool,
+    amp: str,
+    grad_accum: int,
+    varying_shapes: str | None = None,
 ) -> GraphPlan:
     """Whether ``train.cuda_graphs`` = auto|true|false captures, and why.
 
@@ -62,6 +89,7 @@ def plan_graphs(
         (compile, "train.compile=true (torch.compile manages its own graphs)"),
         (amp == "fp16", "train.amp=fp16 (GradScaler's skipped steps)"),
         (grad_accum > 1, f"train.grad_accum={grad_accum}"),
+        (varying_shapes is not None, f"{varying_shapes} (one graph holds one shape)"),
     ]
     why = [text for blocked, text in blockers if blocked]
     if why:
@@ -83,12 +111,39 @@ def capture(model: nn.Module, task: str, sample: torch.Tensor, amp_dtype=None) -
         if task == "detection":
             _capture_detector(model, sample)
         else:
-            torch.cuda.make_graphed_callables(model, (sample,))
+            _capture_classifier(model, sample)
     # The warm-up iterations ran real forwards: they moved BN running statistics and
     # step counts.  Put every tensor back in place (same storage: the graph keeps it).
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(saved[k])
+
+
+def _capture_classifier(model: nn.Module, sample: torch.Tensor) -> None:
+    eager = model.forward  # the class's forward, bound
+    torch.cuda.make_graphed_callables(model, (sample,))
+    graphed = model.forward  # replays in training mode, runs ``eager`` in eval
+    shape = tuple(sample.shape)
+    counts = model.graph_counts = GraphCounts()
+    warned = []
+
+    def forward(x):
+        # torch's graphed forward copies any input into the static one: a batch of 1
+        # into a graph of 4 would broadcast silently.  Another shape runs eagerly.
+        if model.training and tuple(x.shape) != shape:
+            if not warned:
+                warned.append(True)
+                warnings.warn(
+                    f"CUDA graph captured for batches of {shape}, got {tuple(x.shape)}: "
+                    "this batch runs eagerly",
+                    stacklevel=2,
+                )
+            counts.eager += 1
+            return eager(x)
+        counts.replayed += model.training
+        return graphed(x)
+
+    model.forward = forward
 
 
 class _StaticPart(nn.Module):
@@ -119,6 +174,7 @@ def _capture_detector(model: nn.Module, sample: torch.Tensor) -> None:
     shape = tuple(sample.shape)
     stash: dict = {}
     warned = []
+    counts = model.graph_counts = GraphCounts()
 
     def backbone_forward(x):
         # The graph replays in training mode only; eval runs eagerly.  Only the wrapper's
@@ -134,7 +190,9 @@ def _capture_detector(model: nn.Module, sample: torch.Tensor) -> None:
                     stacklevel=2,
                 )
             stash.clear()
+            counts.eager += 1
             return eager_backbone(x)
+        counts.replayed += backbone.training
         out = static(x)
         n = len(static.feature_names)
         stash["head"] = OrderedDict(zip(static.head_keys, out[n:], strict=True))

@@ -224,10 +224,16 @@ class _Loop:
                 except KeyboardInterrupt:
                     return self._preempted(during="the final eval")
                 stop.raise_now = False
-            self.logger.log({"step": state.step, "eval": final})
+            self.logger.log({"step": state.step, "eval": final, **self._graph_counts()})
             return final
         finally:
             progress.close()
+
+    def _graph_counts(self) -> dict:
+        """Training forwards replayed from the CUDA graph and run eagerly so far (a
+        graphed run only; they also reach wandb's summary as the last values logged)."""
+        counts = getattr(self.t.model, "graph_counts", None)
+        return counts.as_dict() if self.t.graphed and counts is not None else {}
 
     def _next_batches(self, stop: StopFlag) -> list | None:
         """This step's batches, or None when a stop was requested on any rank."""
@@ -263,7 +269,7 @@ class _Loop:
             means, per_layer = _brn_metrics(t.model)
             row = {"step": step, "epoch": self.state.data.epoch, "loss": loss, "lr": lr}
             row.update(images_per_s=ips, peak_mem_mb=peak_memory_mb(self.env.device), **means)
-            self.logger.log(row, extra_wandb=per_layer)
+            self.logger.log({**row, **self._graph_counts()}, extra_wandb=per_layer)
         elif save:
             self.meter.check(step)  # never save weights a non-finite loss has touched
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and not last:

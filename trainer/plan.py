@@ -133,6 +133,18 @@ def _check_gn_values(
             )
 
 
+def _varying_shapes(cfg: Config, known: tuple[float, ...] | None) -> str | None:
+    """Why a detector's training batches have more than one padded shape (None: one)."""
+    if cfg.model.task != "detection":
+        return None
+    sizes = cfg.data.sizing().min_size
+    if len(sizes) > 1:
+        return f"data.min_size={list(sizes)} (multi-scale)"
+    if known is None or len(known) > 1:
+        return "images of several aspect ratios" if known else "aspect ratios not known"
+    return None
+
+
 def _sizes_text(cfg: Config, known: tuple[float, ...] | None = None) -> str:
     if cfg.model.task != "detection":
         return f"data.image_size={cfg.data.image_size}"
@@ -229,7 +241,11 @@ def plan_run(
     """The plan for ``world_size`` processes on ``device``/``backend``;
     ``local_world_size`` (processes per node) keeps sync groups inside a node (None: the
     whole world is one node).  Raises ValueError/ConfigError when the run is impossible."""
-    t = cfg.train
+    t, d = cfg.train, cfg.data
+    folder = dataset_root(
+        d.dataset, d.root, cfg.model.task, d.image_size, d.num_train, d.num_val, cfg.run.seed
+    )
+    known = train_aspects(d.dataset, folder) if cfg.model.task == "detection" else None
     graphs = plan_graphs(
         t.cuda_graphs,
         device=device,
@@ -237,12 +253,8 @@ def plan_run(
         compile=t.compile,
         amp=t.amp,
         grad_accum=t.grad_accum,
+        varying_shapes=_varying_shapes(cfg, known),
     )
-    d = cfg.data
-    folder = dataset_root(
-        d.dataset, d.root, cfg.model.task, d.image_size, d.num_train, d.num_val, cfg.run.seed
-    )
-    known = train_aspects(d.dataset, folder) if cfg.model.task == "detection" else None
     maps = smallest_map_sizes(cfg, known or UNKNOWN_ASPECTS)
     where = _sizes_text(cfg, known)
     parts = _plan_parts(cfg, world_size, device, backend, local_world_size, maps, where)

@@ -17,10 +17,13 @@ DET = ROOT / "configs/shapes_det.yaml"
 CLS = ROOT / "configs/shapes_cls.yaml"
 
 
-def plan(setting="auto", device="cuda", world_size=1, compile=False, amp="none", accum=1):
+def plan(
+    setting="auto", device="cuda", world_size=1, compile=False, amp="none", accum=1, varying=None
+):
     return plan_graphs(
-        setting, device=device, world_size=world_size, compile=compile, amp=amp, grad_accum=accum
-    )
+        setting, device=device, world_size=world_size, compile=compile, amp=amp,
+        grad_accum=accum, varying_shapes=varying,
+    )  # fmt: skip
 
 
 def test_auto_captures_a_single_cuda_process_only():
@@ -33,12 +36,55 @@ def test_auto_captures_a_single_cuda_process_only():
         "train.compile=true": plan(compile=True),
         "train.amp=fp16": plan(amp="fp16"),
         "train.grad_accum=4": plan(accum=4),
+        "data.min_size=[1, 2] (multi-scale) (one graph holds one shape)": plan(
+            varying="data.min_size=[1, 2] (multi-scale)"
+        ),
     }
     for why, p in off.items():
         assert not p.enabled and why in p.reason, (why, p.reason)
     assert plan(amp="bf16").enabled
     with pytest.raises(ConfigError, match="train.cuda_graphs=true needs a CUDA device"):
         plan("true", device="cpu")
+
+
+def test_a_detector_with_batches_of_several_shapes_runs_eagerly(tmp_path):
+    """One graph holds one padded shape: multi-scale sizes or several aspect ratios give
+    many, so auto does not capture (and says why); fixed square sizes capture."""
+    from trainer.config import load_config
+    from trainer.plan import plan_run
+
+    scenes = [f"data.root={tmp_path}"]
+    cases = {
+        (DET, ()): None,
+        (ROOT / "configs/scenes_det.yaml", ()): "data.min_size=[160, 192, 224] (multi-scale)",
+        (ROOT / "configs/scenes_det.yaml", ("data.min_size=192",)): "several aspect ratios",
+        (DET, ("data.dataset=coco", f"data.root={tmp_path}")): "aspect ratios not known",
+        (CLS, ()): None,
+    }
+    for (config, extra), why in cases.items():
+        graphs = plan_run(load_config(config, [*scenes, *extra]), 1, "cuda", "nccl").graphs
+        assert graphs.enabled == (why is None), (config, extra, graphs.reason)
+        assert why is None or why in graphs.reason
+
+
+def test_classifier_graph_refuses_another_batch_shape(monkeypatch):
+    """torch's graphed forward copies any input into its static one (a batch of 1 into
+    a graph of 4 broadcasts); the captured classifier runs another shape eagerly, warns
+    once, and counts replayed and eager forwards."""
+    from torch import nn
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda module, args: module)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.rand(4, 3, 8, 8)
+    model(x)
+    capture(model, "classification", x)
+    model(x), model(x)
+    with pytest.warns(UserWarning, match=r"captured for batches of \(4, 3, 8, 8\), got \(1,"):
+        out = model(x[:1])
+    assert out.shape == (1, 2)  # not broadcast to the captured batch
+    model.eval()
+    model(x)  # eval runs eagerly and is not a training forward
+    assert model.graph_counts.as_dict() == {"graph_replays": 2, "graph_eager": 1}
 
 
 def test_cli_refuses_graphs_on_the_cpu_before_training(tmp_path, data_root, capsys):
@@ -100,6 +146,8 @@ def test_detector_plumbing_around_the_captured_part(monkeypatch):
     with pytest.warns(UserWarning, match="this batch runs eagerly"):
         b = graphed(wide, _targets(2))
     torch.testing.assert_close(sum(b.values()), sum(eager.train()(wide, _targets(2)).values()))
+    # two training forwards replayed, one eager (eval is not counted)
+    assert graphed.graph_counts.as_dict() == {"graph_replays": 2, "graph_eager": 1}
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -117,6 +165,9 @@ def test_graphed_training_matches_eager_on_cuda(tmp_path, data_root, preset, fas
         losses[flag] = [json.loads(r)["loss"] for r in rows if '"loss"' in r]
         record = json.loads((tmp_path / flag / "policy.json").read_text())
         assert record["cuda_graphs"]["enabled"] == (flag == "true")
+        if flag == "true":  # every training step replayed the graph: none fell back
+            last = [json.loads(r) for r in rows if '"graph_replays"' in r][-1]
+            assert (last["graph_replays"], last["graph_eager"]) == (6, 0)
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-3, abs=1e-4)
 
 
