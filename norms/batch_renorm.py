@@ -194,7 +194,7 @@ class _RenormMixin:
                 torch._foreach_clamp_min_([r, d], [1.0 / rmax_t, -dmax_t])
                 torch._foreach_clamp_max_([r, d], [rmax_t, dmax_t])
             self._update_running(mean, var, total)
-        self.last_r, self.last_d, self.last_limits = r, d, (rmax_t, dmax_t)
+        self._keep_diagnostics(r, d, (rmax_t, dmax_t))
         if group is None and (self.impl == "native" or (self.impl == "auto" and x.is_cuda)):
             return renorm_native(x, self.weight, self.bias, r, d, eps)
         return normalize(
@@ -210,6 +210,41 @@ class _RenormMixin:
             total=total,
             invstd=invstd,
         )
+
+    def _keep_diagnostics(self, r: torch.Tensor, d: torch.Tensor, limits: tuple) -> None:
+        """Keep this forward's r, d and clip limits for ``renorm_stats``.
+
+        On CUDA they are copied into tensors that persist: a CUDA graph replays into the
+        storage it captured, so rebinding attributes would leave the log reading the
+        graph's tensors until an eager forward (precise BN's, at rmax 1 and dmax 0)
+        rebinds them, and then reading that eager forward for the rest of the run.  On
+        the CPU (no graphs) rebinding costs nothing and is kept."""
+        kept = self.last_r
+        if not self._diagnostics_in_place(r):
+            self.last_r, self.last_d, self.last_limits = r, d, limits
+            return
+        if (
+            kept is None
+            or kept.shape != r.shape
+            or kept.dtype != r.dtype
+            or kept.device != r.device
+        ):
+            self.last_r, self.last_d = r.clone(), d.clone()
+            self.last_limits = tuple(
+                torch.zeros((), dtype=r.dtype, device=r.device) for _ in limits
+            )
+        else:
+            self.last_r.copy_(r)
+            self.last_d.copy_(d)
+        for kept_limit, value in zip(self.last_limits, limits, strict=True):
+            if isinstance(value, torch.Tensor):
+                kept_limit.copy_(value)
+            else:
+                kept_limit.fill_(value)
+
+    @staticmethod
+    def _diagnostics_in_place(r: torch.Tensor) -> bool:
+        return r.is_cuda
 
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, total) -> None:
         """BatchNorm's update: the step count, then the running stats moved towards the

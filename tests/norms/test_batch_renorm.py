@@ -217,6 +217,28 @@ def test_renorm_stats_report_clipping():
     assert s["r_dev"] == pytest.approx(0.5)
 
 
+def test_diagnostics_stay_in_the_same_storage_where_graphs_replay(monkeypatch):
+    """On CUDA the diagnostics are copied into tensors that persist (a graph replays into
+    the storage it captured): forced here on the CPU, each forward must update the same
+    tensors, and an eager forward at other limits (precise BN's rmax 1, dmax 0) must not
+    leave the next forward reading its values."""
+    monkeypatch.setattr(BatchRenorm2d, "_diagnostics_in_place", staticmethod(lambda r: True))
+    layer = BatchRenorm2d(4, rmax=1.5, dmax=0.5, warmup_steps=0)
+    layer(torch.randn(8, 4, 4, 4) * 5 + 10)
+    kept = (layer.last_r.data_ptr(), layer.last_d.data_ptr(), layer.last_limits[0].data_ptr())
+    assert layer.renorm_stats()["r_clipped"] == 1.0
+    layer.rmax, layer.dmax = 1.0, 0.0  # as precise BN runs it
+    layer(torch.randn(8, 4, 4, 4))
+    assert layer.renorm_stats()["rmax_t"] == 1.0 and layer.renorm_stats()["d_abs"] == 0.0
+    layer.rmax, layer.dmax = 1.5, 0.5
+    layer(torch.randn(8, 4, 4, 4) * 5 + 10)
+    s = layer.renorm_stats()
+    assert s["rmax_t"] == 1.5 and s["d_clipped"] == 1.0
+    assert kept == (
+        layer.last_r.data_ptr(), layer.last_d.data_ptr(), layer.last_limits[0].data_ptr()
+    )  # fmt: skip
+
+
 def test_renorm_diagnostics_reads_every_trained_renorm_layer_by_name():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 1), BatchRenorm2d(4, warmup_steps=0), nn.BatchNorm2d(4), BatchRenorm2d(4)

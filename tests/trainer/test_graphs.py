@@ -188,3 +188,25 @@ def test_batch_renorm_ramp_advances_inside_the_graph():
         seen.append(float(model[1].last_limits[0]))
     assert int(model[1].num_batches_tracked) == 6
     assert seen == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0, 3.0])
+
+
+@cuda
+@pytest.mark.cuda
+def test_batch_renorm_diagnostics_follow_the_graph_after_precise_bn():
+    """Precise BN runs Batch Renorm eagerly at rmax 1, dmax 0 between replays: the clip
+    diagnostics the log reads must come from the next replay, not stay at (1, 0)."""
+    from torch import nn
+
+    from norms import BatchRenorm2d, precise_bn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchRenorm2d(4, rmax=2.0, warmup_steps=0)).cuda()
+    x = torch.randn(2, 3, 8, 8, device="cuda") * 3 + 2
+    capture(model, "classification", x)
+    model(x).sum().backward()
+    assert model[1].renorm_stats()["rmax_t"] == 2.0
+    precise_bn(model, [x] * 2, num_batches=2)
+    assert model[1].renorm_stats()["rmax_t"] == 1.0  # precise BN's own eager forward
+    model.train()
+    model(x).sum().backward()  # a replay
+    stats = model[1].renorm_stats()
+    assert stats["rmax_t"] == 2.0 and stats["r_dev"] > 0
