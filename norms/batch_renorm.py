@@ -47,11 +47,12 @@ group always take the fused route (its backward all-reduces the group-wide sums)
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from norms.functional import batch_stats, normalize, sync_stats
+from norms.functional import batch_stats, moved, normalize, sync_stats, unbiased
 
 __all__ = [
     "BatchRenorm1d",
@@ -146,7 +147,8 @@ class _RenormMixin:
         # nn.BatchNorm's rule; called after num_batches_tracked was incremented.  The
         # cumulative average's 1/t stays a device tensor: no host read.
         if self.momentum is None:
-            return self.num_batches_tracked.to(dtype).reciprocal()
+            # (clamped: a group with no values leaves the count at 0 and moves nothing)
+            return self.num_batches_tracked.clamp(min=1).to(dtype).reciprocal()
         return self.momentum
 
     def _limits(self, dtype: torch.dtype):
@@ -162,16 +164,18 @@ class _RenormMixin:
     def _renorm_train(self, x: torch.Tensor, group=None) -> torch.Tensor:
         """Training forward with running statistics: stats, r/d, update, normalize."""
         mean, var, count = batch_stats(x)
-        total = count
-        if group is not None:
-            mean, var, total = sync_stats(mean, var, count, group)
-        if total == 0:  # empty global batch: nothing to learn from, no buffer moves
-            return normalize(x, self.weight, self.bias, mean, var, self.eps, group=group, total=0)
-        if total <= 1:
+        if group is None and count == 0:  # an empty batch: nothing to learn, nothing moves
+            return normalize(x, self.weight, self.bias, mean, var, self.eps, total=0)
+        if count <= 1 and (group is None or dist.get_world_size(group) < 2):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size "
                 f"{list(x.shape)}"
             )
+        total = count
+        if group is not None:
+            # a device tensor: an all-empty group keeps every buffer still by arithmetic
+            # (functional.moved), not by a branch the host would have to read
+            mean, var, total = sync_stats(mean, var, count, group)
         eps = self.eps
         # Per-channel work is a handful of C-sized ops; on a slow-dispatch CPU each costs
         # ~5-10 us, so they are kept few and batched with _foreach ops.  Nothing here is
@@ -248,13 +252,17 @@ class _RenormMixin:
 
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, total) -> None:
         """BatchNorm's update: the step count, then the running stats moved towards the
-        batch's mean and unbiased variance (after r and d used the old ones)."""
-        self.num_batches_tracked.add_(1)
-        unbiased = var * (total / (total - 1))
-        new = (mean, unbiased)
+        batch's mean and unbiased variance (after r and d used the old ones).  ``total``
+        is a host int, or a device tensor from a group (0: nothing moves)."""
+        step = moved(total)
+        self.num_batches_tracked.add_(step)
+        var_u = unbiased(var, total)
+        new = (mean, var_u)
         if self.running_mean.dtype != mean.dtype:
-            new = (mean.to(self.running_mean.dtype), unbiased.to(self.running_var.dtype))
+            new = (mean.to(self.running_mean.dtype), var_u.to(self.running_var.dtype))
         factor = self._momentum_factor(self.running_mean.dtype)
+        if isinstance(step, torch.Tensor):
+            factor = step.to(self.running_mean.dtype) * factor
         if isinstance(factor, torch.Tensor):
             for buf, value in zip((self.running_mean, self.running_var), new, strict=True):
                 buf.lerp_(value, factor)

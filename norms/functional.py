@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["batch_stats", "sync_stats", "normalize", "acc_dtype"]
+__all__ = ["batch_stats", "sync_stats", "moved", "normalize", "unbiased", "acc_dtype"]
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -70,13 +70,18 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def sync_stats(
     mean: torch.Tensor, var: torch.Tensor, count: int, group
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Combine per-rank statistics into group-wide ones, weighted by element counts.
 
     Each rank contributes (count, mean, M2 = count * var); the combination is Chan et al.'s
     parallel variance formula, exact for uneven and empty shards and free of the
     cancellation that sum/sum-of-squares suffers when |mean| >> std.  The exchange is done
     in float64: it is 2C+1 numbers, and the counts must stay exact integers.
+
+    The group-wide count is returned as a 0-dim float64 tensor on the device, never read
+    by the host (one read per layer would stall a GPU forward ~50 times in a ResNet-50):
+    an all-empty group gives zeros, and the callers keep their buffers still with
+    arithmetic on it (``moved``), not with a branch.
     """
     world = dist.get_world_size(group)
     c = mean.numel()
@@ -88,13 +93,26 @@ def sync_stats(
     dist.all_gather(gathered, local, group=group)
     table = torch.stack(gathered)  # (world, 2C+1)
     counts = table[:, :1]
-    total = float(counts.sum())
-    if total == 0:
-        return mean, var, 0
+    total = counts.sum()
+    safe = total.clamp(min=1)  # an all-empty group: 0 / 1, zeros
     means, m2 = table[:, 1 : c + 1], table[:, c + 1 :]
-    g_mean = (counts * means).sum(0) / total
+    g_mean = (counts * means).sum(0) / safe
     g_m2 = (m2 + counts * (means - g_mean) ** 2).sum(0)
-    return g_mean.to(mean.dtype), (g_m2 / total).to(mean.dtype), int(total)
+    return g_mean.to(mean.dtype), (g_m2 / safe).to(mean.dtype), total
+
+
+def moved(total) -> torch.Tensor | int:
+    """1 where the statistics came from at least one value, else 0: a host int for a
+    local count, a device tensor for a group-wide one (``sync_stats``)."""
+    return (total > 0).to(torch.int64) if isinstance(total, torch.Tensor) else int(total > 0)
+
+
+def unbiased(var: torch.Tensor, total) -> torch.Tensor:
+    """The unbiased variance from a biased one over ``total`` values (host int or device
+    tensor; a total of 1 or 0 gives var itself rather than a division by zero)."""
+    if isinstance(total, torch.Tensor):
+        return var * (total / (total - 1).clamp(min=1)).to(var.dtype)
+    return var * (total / max(1, total - 1))
 
 
 class _NormalizeFn(torch.autograd.Function):
@@ -150,16 +168,15 @@ class _NormalizeFn(torch.autograd.Function):
                 ctx.eps,
                 [need_x and group is None, True, True],
             )
-        if group is not None and ctx.total > 0:
+        if group is not None:
             # The input gradient needs the group-wide sums.  Every rank calls this
             # all_reduce, an empty one included, so no rank is left waiting.
             packed = torch.cat([g_beff, g_weff]).to(torch.float64)
             dist.all_reduce(packed, group=group)
             sum_dy, sum_dy_xhat = packed.to(mean.dtype).split(c)
             if need_x and x.numel() > 0:
-                gx = _input_grad(
-                    dy, x, mean, invstd, w_eff, sum_dy / ctx.total, sum_dy_xhat / ctx.total
-                )
+                total = ctx.total.clamp(min=1).to(mean.dtype)  # a device tensor
+                gx = _input_grad(dy, x, mean, invstd, w_eff, sum_dy / total, sum_dy_xhat / total)
         # y = w_eff * x_hat + b_eff with w_eff = w * r, b_eff = b + w * d (r, d constant):
         # dL/dw = r * sum(dy * x_hat) + d * sum(dy), dL/db = sum(dy).  These stay local:
         # summed over ranks (by DDP) they equal the single-process gradient.

@@ -36,7 +36,7 @@ from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from norms.batch_renorm import _BatchRenorm
-from norms.functional import batch_stats, normalize, sync_stats
+from norms.functional import batch_stats, moved, normalize, sync_stats, unbiased
 
 __all__ = ["SyncBatchNorm", "SyncBatchRenorm", "resolve_group"]
 
@@ -59,27 +59,28 @@ class _SyncMixin:
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def _sync_bn_train(self, x: torch.Tensor, group) -> torch.Tensor:
-        """Portable synchronized BatchNorm training forward (running stats optional)."""
+        """Portable synchronized BatchNorm training forward (running stats optional).
+        Nothing is read by the host: the group-wide count stays on the device."""
         mean, var, count = batch_stats(x)
-        mean, var, total = sync_stats(mean, var, count, group)
-        if total == 0:  # every rank is empty: no statistics, no buffer update
-            return normalize(x, self.weight, self.bias, mean, var, self.eps, group=group, total=0)
-        if total <= 1:
+        if count <= 1 and dist.get_world_size(group) < 2:  # torch's own check, local
             raise ValueError(
-                f"Expected more than 1 value per channel when training, got {total} "
-                f"values per channel across the process group"
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{list(x.shape)}"
             )
+        mean, var, total = sync_stats(mean, var, count, group)
         if self.track_running_stats:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = (
-                    1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None
-                    else self.momentum
-                )
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-                unbiased = var * (total / (total - 1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+                step = moved(total)  # an all-empty group moves no buffer
+                self.num_batches_tracked.add_(step)
+                dtype = self.running_mean.dtype
+                if self.momentum is None:  # cumulative average: 1/t, kept on the device
+                    factor = self.num_batches_tracked.clamp(min=1).to(dtype).reciprocal()
+                else:
+                    factor = self.momentum
+                factor = step.to(dtype) * factor  # (in the buffers' dtype, not float32)
+                new = ((self.running_mean, mean), (self.running_var, unbiased(var, total)))
+                for buf, value in new:
+                    buf.lerp_(value.to(buf.dtype), factor)
         return normalize(x, self.weight, self.bias, mean, var, self.eps, group=group, total=total)
 
 

@@ -56,3 +56,42 @@ def test_brn_limits_still_ramp_on_the_device():
         layer(x)
         seen.append(tuple(float(v) for v in layer.last_limits))
     assert seen == [(1.0, 0.0), (1.5, 1.25), (2.0, 2.5), (2.5, 3.75), (3.0, 5.0), (3.0, 5.0)]
+
+
+def _sync_worker(rank, world, out_dir):
+    """Forward + backward of the synchronized layers over the gloo group, profiled after
+    a warm-up: the host reads recorded, per layer kind (rank 0 writes them)."""
+    import json
+    from pathlib import Path
+
+    torch.manual_seed(rank)
+    counts = {}
+    for name, make in (
+        ("syncbn", lambda: SyncBatchNorm(8)),
+        ("syncbn_cumulative", lambda: SyncBatchNorm(8, momentum=None)),
+        ("syncbrn", lambda: SyncBatchRenorm(8, warmup_steps=100)),
+        ("syncbrn_empty_shard", lambda: SyncBatchRenorm(8, warmup_steps=100)),
+    ):
+        layer = make().train()
+        n = 0 if name.endswith("empty_shard") and rank == 1 else 4
+        x = torch.randn(n, 8, 6, 6, requires_grad=True)
+
+        def step(layer=layer, x=x):
+            layer(x).square().mean().backward()
+
+        step()
+        counts[name] = host_reads(step)
+    if rank == 0:
+        (Path(out_dir) / "reads.json").write_text(json.dumps(counts))
+
+
+def test_synchronized_training_step_has_no_host_sync(tmp_path):
+    """The portable (gloo) route of SyncBN and SyncBRN keeps the group-wide count on the
+    device: no host read per layer, an empty shard included."""
+    import json
+
+    from trainer.distributed import spawn_gloo
+
+    spawn_gloo(_sync_worker, 2, str(tmp_path))
+    reads = json.loads((tmp_path / "reads.json").read_text())
+    assert reads == {k: 0 for k in reads} and len(reads) == 4, reads
