@@ -97,9 +97,13 @@ def plan_graphs(
     return GraphPlan(True, f"{setting}: forward+backward of the static part captured")
 
 
-def capture(model: nn.Module, task: str, sample: torch.Tensor, amp_dtype=None) -> None:
+def capture(model: nn.Module, task: str, sample: torch.Tensor, amp_dtype=None) -> str | None:
     """Graph the static part of ``model`` in place for inputs shaped like ``sample``
-    (classification: the image batch; detection: the transform's padded batch)."""
+    (classification: the image batch; detection: the transform's padded batch).
+
+    Returns None, or why the capture failed (out of memory, an op that cannot be
+    captured): the model is then left as it was, eager, with its state restored, so a
+    run that would have trained eagerly still trains."""
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     autocast = torch.autocast(
         "cuda",
@@ -107,16 +111,32 @@ def capture(model: nn.Module, task: str, sample: torch.Tensor, amp_dtype=None) -
         enabled=amp_dtype is not None,
         cache_enabled=False,  # required with graphs: the cast cache would be captured
     )
-    with autocast:
-        if task == "detection":
-            _capture_detector(model, sample)
-        else:
-            _capture_classifier(model, sample)
+    failed = None
+    try:
+        with autocast:
+            if task == "detection":
+                _capture_detector(model, sample)
+            else:
+                _capture_classifier(model, sample)
+    except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+        failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        _uncapture(model)
     # The warm-up iterations ran real forwards: they moved BN running statistics and
     # step counts.  Put every tensor back in place (same storage: the graph keeps it).
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(saved[k])
+    return failed
+
+
+def _uncapture(model: nn.Module) -> None:
+    """Remove what a capture put on the model: the instance forwards (the class's own
+    run again) and the counters."""
+    for module in (model, getattr(model, "backbone", None), getattr(model, "head", None)):
+        if module is not None and "forward" in vars(module):
+            del module.forward
+    if "graph_counts" in vars(model):
+        del model.graph_counts
 
 
 def _capture_classifier(model: nn.Module, sample: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,8 +84,11 @@ def train(
 
     t = build_training(cfg, env, plan)
     checkpoints.check_space(t.model, cfg.train.optimizer)
-    if plan.graphs.enabled:
-        capture_static_part(t, train_ds)
+    if plan.graphs.enabled and (failed := capture_static_part(t, train_ds)):
+        # a run that would have worked eagerly keeps training, and says so
+        record["cuda_graphs"] = {"enabled": False, "reason": f"eager (capture failed: {failed})"}
+        if env.is_main:
+            warnings.warn(f"CUDA graphs: eager (capture failed: {failed})", stacklevel=1)
     stream = BatchStream(loader or loader_factory(cfg, env, train_ds))
     state = TrainState(t.model, t.optimizer, t.scheduler, t.scaler, stream)
     if found is not None:

@@ -25,6 +25,8 @@ __all__ = ["LossMeter", "TrainingDiverged", "train_step"]
 def train_step(t: Training, batches: list) -> torch.Tensor:
     """One optimizer step over ``batches`` (grad_accum micro-batches).  Returns the mean
     loss as a 0-dim device tensor: reading it is the caller's (host-syncing) choice."""
+    if t.graphed:
+        _check_grads_cleared(t.model)
     loss_sum = None
     for i, batch in enumerate(batches):
         sync = contextlib.nullcontext()
@@ -49,6 +51,19 @@ def train_step(t: Training, batches: list) -> torch.Tensor:
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
     return loss_sum
+
+
+def _check_grads_cleared(model: nn.Module) -> None:
+    """A graphed backward hands back its static gradient buffers, which the parameters
+    adopt: zeroing them in place (``zero_grad(set_to_none=False)``) and backpropagating
+    again would add the new gradient to the old one.  Graphed training therefore needs
+    every gradient set to None between steps, as ``train_step`` does; code that keeps
+    gradients (an injected optimizer step, gradient accumulation) is refused here."""
+    if any(p.grad is not None for p in model.parameters()):
+        raise RuntimeError(
+            "a graphed training step found gradients left from before it: graphed "
+            "training needs optimizer.zero_grad(set_to_none=True) between steps"
+        )
 
 
 class TrainingDiverged(ValueError):

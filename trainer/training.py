@@ -208,10 +208,11 @@ def build_training(cfg: Config, env: DistEnv, plan: RunPlan) -> Training:
     )
 
 
-def capture_static_part(t: Training, train_ds) -> None:
+def capture_static_part(t: Training, train_ds) -> str | None:
     """Capture CUDA graphs for ``t.model``'s static part, on a batch shaped like the
     run's: the image batch (classification) or the transform's padded batch (detection),
-    built from the first training sample."""
+    built from the first training sample.  Returns why the capture failed (the model
+    then trains eagerly), or None."""
     from trainer.graphs import capture
 
     batch = t.per_device_batch
@@ -223,5 +224,6 @@ def capture_static_part(t: Training, train_ds) -> None:
         t.model.transform.train(was)
     else:
         sample = image.expand(batch, *image.shape).contiguous()
-    capture(t.model, t.task, sample.detach().clone(), t.amp_dtype)
-    t.graphed = True
+    failed = capture(t.model, t.task, sample.detach().clone(), t.amp_dtype)
+    t.graphed = failed is None
+    return failed

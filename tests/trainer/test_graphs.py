@@ -210,3 +210,66 @@ def test_batch_renorm_diagnostics_follow_the_graph_after_precise_bn():
     model(x).sum().backward()  # a replay
     stats = model[1].renorm_stats()
     assert stats["rmax_t"] == 2.0 and stats["r_dev"] > 0
+
+
+def _graphs_on(monkeypatch):
+    """Let the run plan capture on the CPU (the capture itself is stubbed by the test)."""
+    from trainer import plan as plan_module
+    from trainer.graphs import GraphPlan
+
+    monkeypatch.setattr(
+        plan_module, "plan_graphs", lambda *a, **k: GraphPlan(True, "auto: test capture")
+    )
+
+
+def test_a_failed_capture_trains_eagerly_and_says_why(tmp_path, data_root, monkeypatch):
+    """An out-of-memory (or an op that cannot be captured) during capture must not kill a
+    run that works eagerly: the model is left as it was, the record says why, training
+    goes on."""
+    from torch import nn
+
+    def fail(module, args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fail)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    why = capture(model, "classification", torch.rand(2, 3, 8, 8))
+    assert why == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "forward" not in vars(model) and not hasattr(model, "graph_counts")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    _graphs_on(monkeypatch)
+    args = train_args(DET, tmp_path, data_root, "oom", *FAST_DET)
+    with pytest.warns(UserWarning, match=r"CUDA graphs: eager \(capture failed: OutOfMemory"):
+        assert main(args) == 0
+    record = json.loads((tmp_path / "oom" / "policy.json").read_text())
+    assert record["cuda_graphs"] == {
+        "enabled": False,
+        "reason": "eager (capture failed: OutOfMemoryError: CUDA out of memory. Tried to "
+        "allocate 2.00 GiB)",
+    }
+    rows = (tmp_path / "oom" / "metrics.jsonl").read_text()
+    assert '"eval"' in rows and "graph_replays" not in rows
+
+
+def test_graphed_training_steps_with_gradients_set_to_none(tmp_path, data_root, monkeypatch):
+    """A graphed backward hands back static gradient buffers the parameters adopt, so
+    gradients must be None between steps: a stubbed-capture run (graphed on the CPU)
+    trains through train_step's check and logs its replays; leftover gradients are
+    refused."""
+    from torch import nn
+
+    from trainer.step import _check_grads_cleared
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda module, args: module)
+    _graphs_on(monkeypatch)
+    assert main(train_args(DET, tmp_path, data_root, "g", *FAST_DET)) == 0
+    rows = [json.loads(r) for r in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    counted = [r for r in rows if "graph_replays" in r]
+    assert counted and counted[-1]["graph_replays"] == 4 and counted[-1]["graph_eager"] == 0
+    layer = nn.Linear(2, 2)
+    _check_grads_cleared(layer)
+    layer(torch.rand(1, 2)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"zero_grad\(set_to_none=True\)"):
+        _check_grads_cleared(layer)
