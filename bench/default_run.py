@@ -1,7 +1,8 @@
-"""The README's headline run: ``make train`` (the default config, configs/shapes_det.yaml)
-from scratch, timed, once per seed.
+"""A preset trained from scratch as a user runs it, timed, once per seed: the README's
+headline run (``make train``: configs/shapes_det.yaml) and the scenes preset's.
 
     python -m bench.default_run      # seeds 0 and 1 -> bench/results/default_run.{json,md}
+    python -m bench.default_run --preset scenes      # -> bench/results/scenes_run.{json,md}
     python -m bench.default_run --seeds 0 --out /tmp/x --set train.max_steps=4   (a smoke run)
 
 Each seed is a real ``python -m trainer train`` in a fresh folder (the data is generated
@@ -25,11 +26,15 @@ from bench.common import machine, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-CONFIG = "configs/shapes_det.yaml"
+# preset -> (config, results name, how the README names the command)
+PRESETS = {
+    "shapes": ("configs/shapes_det.yaml", "default_run", "`make train`"),
+    "scenes": ("configs/scenes_det.yaml", "scenes_run", "`python -m trainer train`"),
+}
 
 
-def _run(seed: int, extra: list[str], out: Path) -> dict:
-    args = ["-m", "trainer", "train", "--config", CONFIG, f"run.output_dir={out}"]
+def _run(config: str, seed: int, extra: list[str], out: Path) -> dict:
+    args = ["-m", "trainer", "train", "--config", config, f"run.output_dir={out}"]
     args += [f"run.name=seed{seed}", f"run.seed={seed}", "wandb.mode=disabled", *extra]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
@@ -52,18 +57,20 @@ def _run(seed: int, extra: list[str], out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="shapes")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides (smoke runs)")
     a = ap.parse_args()
-    cells = a.out / "default_run_cells"
+    config, name, command = PRESETS[a.preset]
+    cells = a.out / f"{name}_cells"
     cells.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
             f = cells / f"seed{seed}.json"
             if not f.exists():
-                f.write_text(json.dumps(_run(seed, a.set, Path(tmp)), indent=2) + "\n")
+                f.write_text(json.dumps(_run(config, seed, a.set, Path(tmp)), indent=2) + "\n")
             rows.append(json.loads(f.read_text()))
     lines = [
         "| seed | steps | COCO mAP@.5 | mAP@[.5:.95] | wall time (train + evals) |",
@@ -75,10 +82,10 @@ def main() -> None:
             f"| {r['seed']} | {r['step']:,} | {r['mAP50']:.3f} | {r['mAP']:.3f} | {m} min {s} s |"
         )
     caption = (
-        f"`make train` ({CONFIG}) from scratch, {rows[0]['date']}, {rows[0]['machine']} "
+        f"{command} ({config}) from scratch, {rows[0]['date']}, {rows[0]['machine']} "
         f"(bench/default_run.py; {os.cpu_count()} CPUs):"
     )
-    write_results(a.out, "default_run", rows, caption, "\n".join(lines))
+    write_results(a.out, name, rows, caption, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -200,3 +200,37 @@ def test_resume_two_processes_then_one(tmp_path, data_root):
     assert (
         torch.load(list_checkpoints(out / "ws" / "checkpoints")[0], weights_only=True)["step"] == 4
     )
+
+
+def test_fine_tuning_from_a_local_backbone_file_keeps_its_frozen_statistics(tmp_path, data_root):
+    """The documented fine-tuning recipe: torchvision ResNet weights in a local file
+    (nothing downloads), norm.policy.freeze_bn=true: the backbone's BN layers become
+    FrozenBatchNorm2d holding the file's statistics, which training does not move, while
+    its convolutions start from the file's weights and train."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(5)
+    reference = resnet18()
+    with torch.no_grad():  # statistics no fresh model has, so a copy is recognizable
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    weights = tmp_path / "resnet18.pt"
+    torch.save(reference.state_dict(), weights)
+    tune = [f"model.backbone_weights={weights}", "norm.policy.freeze_bn=true"]
+    args = train_args(DET, tmp_path / "runs", data_root, "ft", *FAST_DET, *tune)
+    assert main(args) == 0
+    run_dir = tmp_path / "runs" / "ft"
+    policy = json.loads((run_dir / "policy.json").read_text())
+    assert policy["parts"]["backbone"]["kind"] == "frozenbn"
+    newest = list_checkpoints(run_dir / "checkpoints")[0]
+    state = torch.load(newest, map_location="cpu", weights_only=True)["model"]
+    body = "backbone.body."
+    for key in ("bn1.running_mean", "layer4.1.bn2.running_var", "layer2.0.bn1.weight"):
+        torch.testing.assert_close(state[body + key], reference.state_dict()[key])
+    # the convolutions started from the file and trained on from there
+    start = reference.state_dict()["layer4.1.conv2.weight"]
+    trained = state[body + "layer4.1.conv2.weight"]
+    assert not torch.equal(trained, start)
+    assert (trained - start).abs().max() < 0.1 * start.abs().max()
