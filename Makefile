@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train demo test lint docs bench bench-threads bench-image-check study study-cls study-det study-scenes clean
+.PHONY: install train demo test lint docs bench bench-threads bench-image-check study study-cls study-det study-scenes gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,24 @@ study-det: $(STAMP)
 # syncbrn, auto2 at 2 x 2 and 2 x 1; seed by seed, so an interrupted grid keeps whole seeds.
 study-scenes: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m bench.study_det --preset scenes --seeds 5
+
+# The GPU acceptance run (bench/gpu_check.py): pytest -m cuda, then the GPU targets side by
+# side, into bench/results/gpu_check.{json,md}; <= 8 minutes on one GPU.  It uses the
+# machine's own python3 (torch + torchvision there) and installs nothing from the network:
+# the packages that machine lacks come from .whl/ (made here by `make gpu-wheels`).
+GPU_SITE ?= /tmp/normpilot-site
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps \
+		--no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$$PWD python3 -m bench.gpu_check
+
+# Wheels for a GPU machine with python 3.12 and torch but without the config, COCO and
+# tracking packages (wandb runs disabled there); downloaded from the package index here.
+GPU_WHEELS := $(shell grep -iE "^(omegaconf|antlr4-python3-runtime|pyyaml|pycocotools)==" constraints.txt)
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results/wandb bench/results/*_quick.*

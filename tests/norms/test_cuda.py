@@ -6,7 +6,10 @@ from torch import nn
 
 from norms import BatchRenorm2d, SyncBatchNorm, SyncBatchRenorm, WSConv2d
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.cuda,  # what `pytest -m cuda` (make gpu-check) selects
+]
 
 
 @pytest.mark.parametrize("cls", [BatchRenorm2d, SyncBatchRenorm])
