@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train demo test lint docs bench bench-threads bench-image-check study study-cls study-det study-scenes gpu-check gpu-wheels clean
+.PHONY: install train demo test lint docs bench bench-threads bench-image-check bench-loader study study-cls study-det study-scenes gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(STAMP)
 # Training images/s with run.threads=auto against torch's default threads, 1 and 2 processes.
 bench-threads: $(STAMP)
 	$(PY) -m bench.threads
+
+# Loading (decode + augmentation) per worker against the training step's demand (~1 min).
+bench-loader: $(STAMP)
+	$(PY) -m bench.loader
 
 # Start-up cost of the image check (header / full decode) at 2k and 118k COCO-size JPEGs;
 # needs ~10 GB in $$TMPDIR for a while (the 118k files), root for the cold-cache cells.
