@@ -82,13 +82,13 @@ def test_quick_detection_study_writes_schema_and_reuses_cells(tmp_path):
 
 def test_quick_scenes_study_trains_the_preset_at_its_sizing_with_a_curve(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
-    args = ["--preset", "scenes", "--quick", "--lines", "bn", "gn_ws", "auto", "--no-wandb"]
+    args = ["--preset", "scenes", "--quick", "--lines", "bn", "brn", "gn_ws", "auto", "--no-wandb"]
     proc = run_bench("study_det.py", *args, "--out", out, "--data-root", data, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "study_scenes_quick.json").read_text())
     assert result["meta"]["preset"] == "scenes" and "both orientations" in result["meta"]["data"]
     runs = {(r["line"], r["batch"]): r for r in result["runs"]}
-    assert set(runs) == {(n, b) for n in ("bn", "gn_ws", "auto") for b in (8, 2)}
+    assert set(runs) == {(n, b) for n in ("bn", "brn", "gn_ws", "auto") for b in (8, 2)}
     # the preset's scenes, generated at their own size, not the 64-px shapes grid's
     assert next(data.glob("scenes_320px_32_8_s0_*")).is_dir()
     # At the preset's sizes B=2 still has 2 x 5 x 5 values per statistic: Batch Renorm
@@ -98,7 +98,7 @@ def test_quick_scenes_study_trains_the_preset_at_its_sizing_with_a_curve(tmp_pat
     assert runs["auto", 2]["same_as"] == "brn" and runs["bn", 2]["precise_bn"]
     # the one-process B=8 runs of seed 0 (not auto: it is bn's run) evaluated along the
     # way; the last point is the run's final result
-    for line in ("bn", "gn_ws"):
+    for line in ("bn", "brn", "gn_ws"):
         curve = runs[line, 8]["curve"]
         assert [p[0] for p in curve] == [1, 2] and curve[-1][1] == runs[line, 8]["mAP50"]
     assert "curve" not in runs["bn", 2]
