@@ -139,6 +139,20 @@ def _uncapture(model: nn.Module) -> None:
         del model.graph_counts
 
 
+def _other_shape(x: torch.Tensor, shape: tuple, warned: list) -> bool:
+    """Whether ``x`` is not the captured shape (then it runs eagerly); warns once."""
+    if tuple(x.shape) == shape:
+        return False
+    if not warned:
+        warned.append(True)
+        warnings.warn(
+            f"CUDA graph captured for batches of {shape}, got {tuple(x.shape)}: "
+            "this batch runs eagerly",
+            stacklevel=3,
+        )
+    return True
+
+
 def _capture_classifier(model: nn.Module, sample: torch.Tensor) -> None:
     eager = model.forward  # the class's forward, bound
     torch.cuda.make_graphed_callables(model, (sample,))
@@ -150,14 +164,7 @@ def _capture_classifier(model: nn.Module, sample: torch.Tensor) -> None:
     def forward(x):
         # torch's graphed forward copies any input into the static one: a batch of 1
         # into a graph of 4 would broadcast silently.  Another shape runs eagerly.
-        if model.training and tuple(x.shape) != shape:
-            if not warned:
-                warned.append(True)
-                warnings.warn(
-                    f"CUDA graph captured for batches of {shape}, got {tuple(x.shape)}: "
-                    "this batch runs eagerly",
-                    stacklevel=2,
-                )
+        if model.training and _other_shape(x, shape, warned):
             counts.eager += 1
             return eager(x)
         counts.replayed += model.training
@@ -201,14 +208,7 @@ def _capture_detector(model: nn.Module, sample: torch.Tensor) -> None:
         # own flag is set: train() would recurse and overwrite the layers' modes (precise
         # BN runs the model in eval with its BN layers in train).
         static.training = backbone.training
-        if backbone.training and tuple(x.shape) != shape:
-            if not warned:
-                warned.append(True)
-                warnings.warn(
-                    f"CUDA graph captured for batches of {shape}, got {tuple(x.shape)}: "
-                    "this batch runs eagerly",
-                    stacklevel=2,
-                )
+        if backbone.training and _other_shape(x, shape, warned):
             stash.clear()
             counts.eager += 1
             return eager_backbone(x)
