@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["ensure_generated", "write_coco"]
+__all__ = ["ensure_generated", "write_coco", "write_split"]
 
 
 def ensure_generated(target: Path, write: Callable[[Path], None]) -> Path:
@@ -57,6 +57,26 @@ def write_coco(
     (out / "annotations").mkdir(exist_ok=True)
     with open(out / "annotations" / f"instances_{split}.json", "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+
+
+def write_split(
+    out: Path, split: str, n: int, make: Callable, stream: tuple, ext: str, classes, **save
+) -> None:
+    """``n`` images of ``split`` and their COCO file: image i is ``make(rng)`` -> (PIL
+    image, objects), rng seeded by (stream, i) so every image is reproducible alone."""
+    import numpy as np
+
+    (out / split).mkdir(parents=True)
+    images, objects = [], []
+    for i in range(n):
+        canvas, objs = make(np.random.default_rng([*stream, i]))
+        name = f"{i:06d}.{ext}"
+        canvas.save(out / split / name, **save)
+        images.append(
+            {"id": i + 1, "file_name": name, "width": canvas.width, "height": canvas.height}
+        )
+        objects.append(objs)
+    write_coco(out, split, images, objects, classes)
 
 
 def _offsets(objects: list[list]) -> list[int]:

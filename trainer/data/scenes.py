@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from trainer.data.generated import ensure_generated, write_coco
+from trainer.data.generated import ensure_generated, write_split
 
 __all__ = ["CLASSES", "ensure_scenes", "nominal_aspects", "scenes_dir"]
 
@@ -159,18 +159,9 @@ def _shade(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 
 
 def _write_split(out: Path, split: str, n: int, size: int, seed: int) -> None:
-    (out / split).mkdir(parents=True)
-    images, objects = [], []
-    for i in range(n):
-        rng = np.random.default_rng([seed, 10 if split == "train" else 11, i])
-        canvas, objs = _scene(rng, size)
-        name = f"{i:06d}.jpg"
-        canvas.save(out / split / name, quality=90)
-        images.append(
-            {"id": i + 1, "file_name": name, "width": canvas.width, "height": canvas.height}
-        )
-        objects.append(objs)
-    write_coco(out, split, images, objects, CLASSES)
+    stream = (seed, 10 if split == "train" else 11)
+    make = lambda rng: _scene(rng, size)  # noqa: E731
+    write_split(out, split, n, make, stream, "jpg", CLASSES, quality=90)
 
 
 def scenes_dir(root: str | Path, num_train: int, num_val: int, size: int, seed: int = 0) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.data.generated import ensure_generated, write_coco
+from trainer.data.generated import ensure_generated, write_split
 
 __all__ = ["CLASSES", "ensure_shapes", "shapes_dir"]
 
@@ -80,16 +80,8 @@ def _det_image(rng: np.random.Generator, size: int):
 
 
 def _write_detection(out: Path, split: str, n: int, size: int, seed: int) -> None:
-    (out / split).mkdir(parents=True)
-    images, objects = [], []
-    for i in range(n):
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
-        canvas, objs = _det_image(rng, size)
-        name = f"{i:06d}.png"
-        canvas.save(out / split / name)
-        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
-        objects.append(objs)
-    write_coco(out, split, images, objects, CLASSES)
+    stream = (seed, 0 if split == "train" else 1)
+    write_split(out, split, n, lambda rng: _det_image(rng, size), stream, "png", CLASSES)
 
 
 def _write_classification(out: Path, split: str, n: int, size: int, seed: int) -> None:
