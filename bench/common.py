@@ -40,6 +40,14 @@ def write_results(out: Path, name: str, rows, caption: str, table: str) -> None:
     print(table)
 
 
+def md_table(header: list[str], align: str, rows) -> str:
+    """A markdown table: the header, one alignment letter per column (``l`` or ``r``),
+    then one row per sequence of cells (already formatted)."""
+    rule = "|" + "".join("---:|" if a == "r" else "---|" for a in align)
+    return "\n".join(["| " + " | ".join(header) + " |", rule]
+                     + ["| " + " | ".join(map(str, r)) + " |" for r in rows])  # fmt: skip
+
+
 def recipe_of(args, *keys: str) -> dict:
     """The named command-line values, as the recipe a study records in every cell (a
     changed value re-runs the cells that recorded the old one)."""

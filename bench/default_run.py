@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, write_results
+from bench.common import machine, md_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -72,20 +72,17 @@ def main() -> None:
             if not f.exists():
                 f.write_text(json.dumps(_run(config, seed, a.set, Path(tmp)), indent=2) + "\n")
             rows.append(json.loads(f.read_text()))
-    lines = [
-        "| seed | steps | COCO mAP@.5 | mAP@[.5:.95] | wall time (train + evals) |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        m, s = divmod(round(r["seconds"]), 60)
-        lines.append(
-            f"| {r['seed']} | {r['step']:,} | {r['mAP50']:.3f} | {r['mAP']:.3f} | {m} min {s} s |"
-        )
+    table = md_table(
+        ["seed", "steps", "COCO mAP@.5", "mAP@[.5:.95]", "wall time (train + evals)"],
+        "rrrrr",
+        ([r["seed"], f"{r['step']:,}", f"{r['mAP50']:.3f}", f"{r['mAP']:.3f}",
+          "{} min {} s".format(*divmod(round(r["seconds"]), 60))] for r in rows),
+    )  # fmt: skip
     caption = (
         f"{command} ({config}) from scratch, {rows[0]['date']}, {rows[0]['machine']} "
         f"(bench/default_run.py; {os.cpu_count()} CPUs):"
     )
-    write_results(a.out, name, rows, caption, "\n".join(lines))
+    write_results(a.out, name, rows, caption, table)
 
 
 if __name__ == "__main__":

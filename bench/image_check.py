@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import write_results
+from bench.common import md_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -132,20 +132,17 @@ def main() -> None:
                 f.write_text(json.dumps(row) + "\n")
                 print(row, flush=True)
             results.append(json.loads(f.read_text()))
-    lines = [
-        "| images | data.check_images | cache | start-up s | ms / image |",
-        "|---:|---|---|---:|---:|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['images']:,} | {r['check_images']} | {r['cache']} | {r['seconds']:.1f} | "
-            f"{r['ms_per_image']:.2f} |"
-        )
+    table = md_table(
+        ["images", "data.check_images", "cache", "start-up s", "ms / image"],
+        "rllrr",
+        ([f"{r['images']:,}", r["check_images"], r["cache"], f"{r['seconds']:.1f}",
+          f"{r['ms_per_image']:.2f}"] for r in results),
+    )  # fmt: skip
     caption = (
         f"Building the COCO dataset (annotation file read and checked, every image checked), "
         f"one process, JPEGs at COCO's sizes, {os.cpu_count()} CPUs (bench/image_check.py)"
     )
-    write_results(a.out, name, results, caption, "\n".join(lines))
+    write_results(a.out, name, results, caption, table)
 
 
 if __name__ == "__main__":

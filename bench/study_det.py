@@ -57,12 +57,11 @@ import torch.multiprocessing as mp
 
 from bench.common import (
     CellStore,
-    log_runs_wandb,
     machine,
     recipe_of,
 )
 from bench.stats import run_steps
-from bench.study_det_report import AUTO, LINES, SYNC, markdown, plot, schema, summarize
+from bench.study_det_report import AUTO, LINES, SYNC, write
 from norms import available_norms, is_renorm_kind
 from trainer.config import BatchRenormConfig, load_config
 from trainer.distributed import DistEnv, spawn_gloo
@@ -337,27 +336,6 @@ def _train_missing(store: CellStore, todo: list[dict], jobs: int) -> None:
                     _report(store.put(json.loads(Path(f"{tmp}/row.json").read_text())))
 
 
-def _write(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) -> str:
-    """The JSON, the markdown table and the plot (and the wandb runs); returns the table."""
-    summary = summarize(rows)
-    record = {**schema(summary), "meta": meta, "runs": rows}
-    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    table = markdown(summary, meta)
-    (out / f"{name}.md").write_text(table)
-    plot(summary, meta, out / f"{name}.png")
-    if use_wandb:
-        n = log_runs_wandb(
-            [r for r in rows if "same_as" not in r],  # an auto twin is another line's run
-            out,
-            "normpilot-study",
-            group=lambda r: f"det_{r['line']}_b{r['batch']}_w{r['world']}",
-            name=lambda r: f"det_{r['line']}_b{r['batch']}_s{r['seed']}",
-            results=("mAP50", "mAP", "train_s"),
-        )
-        print(f"wandb: {n} new runs, grouped per cell, under {out}/wandb")
-    return table
-
-
 def main(argv=None) -> int:
     args = _resolve(_parser(), argv)
     out = Path(args.out)
@@ -382,7 +360,7 @@ def main(argv=None) -> int:
         min_steps=args.min_steps,
         **_recipe(args),
     )
-    print(_write(rows, meta, out, name, not args.no_wandb))
+    print(write(rows, meta, out, name, not args.no_wandb))
     return 0
 
 

@@ -1,16 +1,18 @@
 """The detection studies' report: per (line, batch) the seeds' mAP, the results JSON
 schema, the markdown tables (mAP@.5, mAP@[.5:.95], the policy against the best line,
 every line against the best one with the standard error of the paired difference, and
-mAP against steps where the grid recorded it) and the plot."""
+mAP against steps where the grid recorded it) and the plot; ``write`` puts them, and
+the offline wandb runs, in the results folder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from bench.common import AUTO2_STYLE, AUTO_STYLE, plot_vs_batch
+from bench.common import AUTO2_STYLE, AUTO_STYLE, log_runs_wandb, plot_vs_batch
 from bench.stats import acceptance_bar, mean_std, paired_differences
 
-__all__ = ["AUTO", "LINES", "SYNC", "markdown", "plot", "schema", "summarize"]
+__all__ = ["AUTO", "LINES", "SYNC", "markdown", "plot", "schema", "summarize", "write"]
 
 LINES = ("bn", "brn", "gn_ws", "auto", "syncbn", "syncbrn", "auto2")
 SYNC = ("syncbn", "syncbrn", "auto2")  # the lines run on 2 processes of B each
@@ -220,3 +222,24 @@ def plot(cells: dict, meta: dict, path: Path) -> None:
         f"mean ± std over each cell's seeds (of {meta['seeds']})"
     )
     plot_vs_batch(panels, batches, path, title)
+
+
+def write(rows: list[dict], meta: dict, out: Path, name: str, use_wandb: bool) -> str:
+    """The JSON, the markdown table and the plot (and the wandb runs); returns the table."""
+    summary = summarize(rows)
+    record = {**schema(summary), "meta": meta, "runs": rows}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    table = markdown(summary, meta)
+    (out / f"{name}.md").write_text(table)
+    plot(summary, meta, out / f"{name}.png")
+    if use_wandb:
+        n = log_runs_wandb(
+            [r for r in rows if "same_as" not in r],  # an auto twin is another line's run
+            out,
+            "normpilot-study",
+            group=lambda r: f"det_{r['line']}_b{r['batch']}_w{r['world']}",
+            name=lambda r: f"det_{r['line']}_b{r['batch']}_s{r['seed']}",
+            results=("mAP50", "mAP", "train_s"),
+        )
+        print(f"wandb: {n} new runs, grouped per cell, under {out}/wandb")
+    return table

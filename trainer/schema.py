@@ -3,7 +3,7 @@ where it is declared, and each section's own range checks (``__post_init__``), w
 name the dotted key and the value.  The norm policy's section is ``norms.NormPolicy``.
 ``trainer.config`` loads YAML and overrides into it.
 
-Closed sets of words are ``Word`` enums (norms.words): OmegaConf refuses any other word,
+Closed sets of words are ``Word`` enums (trainer.choices): OmegaConf refuses any other word,
 naming the key and the choices, and a member compares equal to its word.  A
 number-or-word field is a union (``run.threads: int | str``), checked further in
 ``__post_init__``.  Two fields stay looser, each for a reason given where it is declared:
@@ -21,62 +21,22 @@ from typing import Any
 from omegaconf import MISSING
 
 from norms.policy import NormPolicy
-from norms.words import Word
-from trainer.archs import CLASSIFICATION_ARCHS, DETECTION_ARCHS, task_of
+from trainer.archs import task_of
+from trainer.choices import (
+    Amp,
+    Arch,
+    Backend,
+    BadBoxes,
+    CheckImages,
+    Dataset,
+    Device,
+    Optimizer,
+    WandbMode,
+)
 from trainer.cpus import cpus_available
 from trainer.sizing import Sizing
 
 __all__ = ["BatchRenormConfig", "Config", "ConfigError"]
-
-
-# The closed sets of words (each member's name is its value, so YAML round-trips).
-class Device(Word):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Dataset(Word):
-    shapes = "shapes"
-    scenes = "scenes"
-    coco = "coco"
-    imagefolder = "imagefolder"
-
-
-class BadBoxes(Word):
-    drop = "drop"
-    error = "error"
-
-
-class CheckImages(Word):
-    header = "header"
-    full = "full"
-
-
-class Optimizer(Word):
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-class Amp(Word):
-    none = "none"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class WandbMode(Word):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
-class Backend(Word):
-    auto = "auto"
-    nccl = "nccl"
-    gloo = "gloo"
-
-
-Arch = Word("Arch", [(a, a) for a in DETECTION_ARCHS + CLASSIFICATION_ARCHS])
 
 
 class ConfigError(ValueError):
