@@ -176,6 +176,27 @@ class _RenormMixin:
             # a device tensor: an all-empty group keeps every buffer still by arithmetic
             # (functional.moved), not by a branch the host would have to read
             mean, var, total = sync_stats(mean, var, count, group)
+        r, d, invstd = self._renorm_factors(mean, var, total)
+        if group is None and (self.impl == "native" or (self.impl == "auto" and x.is_cuda)):
+            return renorm_native(x, self.weight, self.bias, r, d, self.eps)
+        return normalize(
+            x,
+            self.weight,
+            self.bias,
+            mean,
+            var,
+            self.eps,
+            r=r,
+            d=d,
+            group=group,
+            total=total,
+            invstd=invstd,
+        )
+
+    def _renorm_factors(self, mean: torch.Tensor, var: torch.Tensor, total):
+        """This step's r and d (clipped to the ramp's limits) from the batch's mean and
+        biased variance over ``total`` values, and 1/sigma_B; moves the running stats and
+        keeps the diagnostics.  No autograd history: r and d are constants to BRN."""
         eps = self.eps
         # Per-channel work is a handful of C-sized ops; on a slow-dispatch CPU each costs
         # ~5-10 us, so they are kept few and batched with _foreach ops.  Nothing here is
@@ -199,21 +220,7 @@ class _RenormMixin:
                 torch._foreach_clamp_max_([r, d], [rmax_t, dmax_t])
             self._update_running(mean, var, total)
         self._keep_diagnostics(r, d, (rmax_t, dmax_t))
-        if group is None and (self.impl == "native" or (self.impl == "auto" and x.is_cuda)):
-            return renorm_native(x, self.weight, self.bias, r, d, eps)
-        return normalize(
-            x,
-            self.weight,
-            self.bias,
-            mean,
-            var,
-            eps,
-            r=r,
-            d=d,
-            group=group,
-            total=total,
-            invstd=invstd,
-        )
+        return r, d, invstd
 
     def _keep_diagnostics(self, r: torch.Tensor, d: torch.Tensor, limits: tuple) -> None:
         """Keep this forward's r, d and clip limits for ``renorm_stats``.

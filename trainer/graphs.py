@@ -18,10 +18,12 @@ forward, and ``GraphCounts`` (``model.graph_counts``) counts replayed and eager 
 for the log.
 
 A graph holds one input shape.  Detection batches of mixed sizes (multi-scale training,
-or images of several aspect ratios) have many padded shapes; padding them all to a few
-fixed canvases would change the statistics every norm computes (BatchNorm's over the
-batch, GroupNorm's per image: both count the padded zeros), so ``auto`` runs such a
-detector eagerly and says why, rather than capturing a shape most steps miss.
+images of several aspect ratios) are padded to one of a few fixed canvases
+(``trainer.canvas``: one per orientation of the aspect-ratio grouped sampler), with one
+graph per canvas in a shared memory pool.  On a canvas every norm takes its statistics
+over the batch's own padded region and the rest stays zero (``norms.region``), so the
+features and head outputs cropped back are those of the batch alone: the graphs change
+no statistic.  A batch that fits no canvas runs eagerly and is counted.
 """
 
 from __future__ import annotations
@@ -33,7 +35,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["GraphCounts", "GraphPlan", "plan_graphs", "capture"]
+from norms.region import Padding, Region, mask_padding
+from trainer.canvas import crop, fit, pad_to
+
+__all__ = [
+    "GraphCounts",
+    "GraphPlan",
+    "canvas_parts",
+    "capture",
+    "plan_graphs",
+    "route_to_canvases",
+]
 
 
 @dataclass
@@ -52,9 +64,12 @@ class GraphCounts:
 class GraphPlan:
     enabled: bool
     reason: str
+    # a detector's (H, W) canvases; empty: one graph at the first batch's shape
+    canvases: tuple[tuple[int, int], ...] = ()
 
     def as_dict(self) -> dict:
-        return {"enabled": self.enabled, "reason": self.reason}
+        out = {"enabled": self.enabled, "reason": self.reason}
+        return {**out, "canvases": [list(c) for c in self.canvases]} if self.canvases else out
 
 
 def plan_graphs(
@@ -66,6 +81,7 @@ def plan_graphs(
     amp: str,
     grad_accum: int,
     varying_shapes: str | None = None,
+    canvases: tuple[tuple[int, int], ...] = (),
 ) -> GraphPlan:
     """Whether ``train.cuda_graphs`` = auto|true|false captures, and why.
 
@@ -73,6 +89,8 @@ def plan_graphs(
     (several processes: DDP's all-reduce and SyncBN's collectives would have to follow
     NCCL's capture rules; torch.compile, which has its own graphs; fp16's GradScaler, whose
     skipped steps replay badly; gradient accumulation) it falls back with the reason.
+    Batches of ``varying_shapes`` are graphed on ``canvases`` when there are any; with
+    none (the sizes cannot be grouped onto canvases) they run eagerly.
     """
     from trainer.config import ConfigError
 
@@ -89,17 +107,31 @@ def plan_graphs(
         (compile, "train.compile=true (torch.compile manages its own graphs)"),
         (amp == "fp16", "train.amp=fp16 (GradScaler's skipped steps)"),
         (grad_accum > 1, f"train.grad_accum={grad_accum}"),
-        (varying_shapes is not None, f"{varying_shapes} (one graph holds one shape)"),
+        (
+            varying_shapes is not None and not canvases,
+            f"{varying_shapes} (no canvases to pad them to)",
+        ),
     ]
     why = [text for blocked, text in blockers if blocked]
     if why:
         return GraphPlan(False, f"{setting}: eager because of " + "; ".join(why))
-    return GraphPlan(True, f"{setting}: forward+backward of the static part captured")
+    if varying_shapes is None:
+        return GraphPlan(True, f"{setting}: forward+backward of the static part captured")
+    shapes = ", ".join(f"{h}x{w}" for h, w in canvases)
+    return GraphPlan(
+        True,
+        f"{setting}: forward+backward of the static part captured, one graph per canvas "
+        f"({shapes}) for {varying_shapes}; norms count each batch's own region",
+        tuple(canvases),
+    )
 
 
-def capture(model: nn.Module, task: str, sample: torch.Tensor, amp_dtype=None) -> str | None:
+def capture(
+    model: nn.Module, task: str, sample: torch.Tensor, amp_dtype=None, canvases=()
+) -> str | None:
     """Graph the static part of ``model`` in place for inputs shaped like ``sample``
-    (classification: the image batch; detection: the transform's padded batch).
+    (classification: the image batch; detection: the transform's padded batch, or
+    batches of ``sample``'s size padded to each of ``canvases``).
 
     Returns None, or why the capture failed (out of memory, an op that cannot be
     captured): the model is then left as it was, eager, with its state restored, so a
@@ -115,7 +147,7 @@ def capture(model: nn.Module, task: str, sample: torch.Tensor, amp_dtype=None) -
     try:
         with autocast:
             if task == "detection":
-                _capture_detector(model, sample)
+                _capture_detector(model, sample, list(canvases) or [tuple(sample.shape[-2:])])
             else:
                 _capture_classifier(model, sample)
     except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
@@ -137,6 +169,9 @@ def _uncapture(model: nn.Module) -> None:
             del module.forward
     if "graph_counts" in vars(model):
         del model.graph_counts
+    undo = vars(model).pop("_unmask_padding", None)
+    if undo is not None:
+        undo()
 
 
 def _other_shape(x: torch.Tensor, shape: tuple, warned: list) -> bool:
@@ -174,49 +209,87 @@ def _capture_classifier(model: nn.Module, sample: torch.Tensor) -> None:
 
 
 class _StaticPart(nn.Module):
-    """Backbone + FPN + head on a padded batch, returning a flat tuple of tensors."""
+    """Backbone + FPN + head on a padded batch, returning a flat tuple of tensors; on a
+    canvas, with the norms counting ``region`` only."""
 
-    def __init__(self, backbone_fwd, head_fwd):
+    def __init__(self, backbone_fwd, head_fwd, padding: Padding, region: Region):
         super().__init__()
         self.backbone_fwd, self.head_fwd = backbone_fwd, head_fwd
+        self.padding, self.region = padding, region
         self.feature_names: list[str] = []
         self.head_keys: list[str] = []
 
     def forward(self, x):
-        features = self.backbone_fwd(x)
-        head = self.head_fwd(list(features.values()))
+        # Each forward (the graph's capture included) computes the masks afresh from the
+        # region's extent tensor, so a replay reads the extent copied in before it.
+        with self.padding.on(self.region):
+            features = self.backbone_fwd(x)
+            head = self.head_fwd(list(features.values()))
         self.feature_names, self.head_keys = list(features), list(head)
         return (*features.values(), *head.values())
 
 
-def _capture_detector(model: nn.Module, sample: torch.Tensor) -> None:
+def _capture_detector(model: nn.Module, sample: torch.Tensor, canvases: list) -> None:
+    statics = canvas_parts(model, canvases, sample.device)
+    # one memory pool for all canvases: one canvas's graph runs per step, and nothing a
+    # graph wrote outlives its step (gradients are set to None after each)
+    pool = torch.cuda.graph_pool_handle() if len(statics) > 1 else None
+    for canvas, static in statics.items():
+        example = sample.new_zeros(sample.shape[0], sample.shape[1], *canvas)
+        torch.cuda.make_graphed_callables(static, (example,), pool=pool)
+    route_to_canvases(model, statics, sample.shape[0])
+
+
+def canvas_parts(model: nn.Module, canvases: list, device) -> dict:
+    """One static part per canvas, over ``model``'s own layers, which are prepared to
+    count a canvas's region only (``norms.region``; undone by ``_uncapture``)."""
+    backbone, head = model.backbone, model.head
+    padding = Padding()
+    model._unmask_padding = mask_padding(nn.ModuleList([backbone, head]), padding)
+    statics = {}
+    for canvas in canvases:
+        static = _StaticPart(backbone.forward, head.forward, padding, Region(canvas, device))
+        # The static part's parameters are the model's (registered here too, so that
+        # the graph differentiates with respect to them).
+        static.parts = nn.ModuleList([backbone, head])
+        static.training = model.training
+        statics[tuple(canvas)] = static
+    return statics
+
+
+def route_to_canvases(model: nn.Module, statics: dict, batch: int) -> None:
+    """Send each training batch of ``batch`` images through the static part of the
+    smallest canvas that holds it (graphed: a replay), cropping its outputs back; other
+    batches, and eval, run the eager forwards."""
     backbone, head = model.backbone, model.head
     eager_backbone, eager_head = backbone.forward, head.forward  # bound class methods
-    static = _StaticPart(eager_backbone, eager_head)
-    # The static part's parameters are the model's (registered here too, so that the
-    # graph differentiates with respect to them).
-    static.parts = nn.ModuleList([backbone, head])
-    static.training = model.training
-    torch.cuda.make_graphed_callables(static, (sample,))
-    shape = tuple(sample.shape)
     stash: dict = {}
     warned = []
     counts = model.graph_counts = GraphCounts()
+    largest = max(statics, key=lambda c: c[0] * c[1])
 
     def backbone_forward(x):
-        # The graph replays in training mode only; eval runs eagerly.  Only the wrapper's
-        # own flag is set: train() would recurse and overwrite the layers' modes (precise
-        # BN runs the model in eval with its BN layers in train).
-        static.training = backbone.training
-        if backbone.training and _other_shape(x, shape, warned):
-            stash.clear()
+        # Graphs replay in training mode only; eval runs eagerly.  Only the wrappers'
+        # own flags are set: train() would recurse and overwrite the layers' modes
+        # (precise BN runs the model in eval with its BN layers in train).
+        stash.clear()
+        if not backbone.training:
+            return eager_backbone(x)
+        hw = tuple(x.shape[-2:])
+        canvas = fit(hw, list(statics)) if x.shape[0] == batch else None
+        if canvas is None:
+            _other_shape(x, (batch, x.shape[1], *largest), warned)
             counts.eager += 1
             return eager_backbone(x)
-        counts.replayed += backbone.training
-        out = static(x)
+        static = statics[canvas]
+        static.training = True
+        static.region.set(*hw)
+        out = static(pad_to(x, canvas))
         n = len(static.feature_names)
-        stash["head"] = OrderedDict(zip(static.head_keys, out[n:], strict=True))
-        return OrderedDict(zip(static.feature_names, out[:n], strict=True))
+        head_out = OrderedDict(zip(static.head_keys, out[n:], strict=True))
+        features, stash["head"] = crop(list(out[:n]), head_out, canvas, hw)
+        counts.replayed += 1
+        return OrderedDict(zip(static.feature_names, features, strict=True))
 
     def head_forward(features):
         if "head" in stash:

@@ -84,7 +84,7 @@ def train(
 
     t = build_training(cfg, env, plan)
     checkpoints.check_space(t.model, cfg.train.optimizer)
-    if plan.graphs.enabled and (failed := capture_static_part(t, train_ds)):
+    if plan.graphs.enabled and (failed := capture_static_part(t, train_ds, plan.graphs.canvases)):
         # a run that would have worked eagerly keeps training, and says so
         record["cuda_graphs"] = {"enabled": False, "reason": f"eager (capture failed: {failed})"}
         if env.is_main:

@@ -22,6 +22,7 @@ from norms import (
     select_norm,
 )
 from trainer.archs import BACKBONES, HEAD_STRIDE, backbone_of
+from trainer.canvas import canvases
 from trainer.config import Config
 from trainer.data import dataset_root, train_aspects
 from trainer.explain import explain
@@ -246,6 +247,7 @@ def plan_run(
         d.dataset, d.root, cfg.model.task, d.image_size, d.num_train, d.num_val, cfg.run.seed
     )
     known = train_aspects(d.dataset, folder) if cfg.model.task == "detection" else None
+    varying = _varying_shapes(cfg, known)
     graphs = plan_graphs(
         t.cuda_graphs,
         device=device,
@@ -253,7 +255,9 @@ def plan_run(
         compile=t.compile,
         amp=t.amp,
         grad_accum=t.grad_accum,
-        varying_shapes=_varying_shapes(cfg, known),
+        varying_shapes=varying,
+        # grouped batches (known sizes) fit the orientation canvases; unknown sizes don't
+        canvases=tuple(canvases(d.sizing())) if varying and known else (),
     )
     maps = smallest_map_sizes(cfg, known or UNKNOWN_ASPECTS)
     where = _sizes_text(cfg, known)

@@ -208,10 +208,11 @@ def build_training(cfg: Config, env: DistEnv, plan: RunPlan) -> Training:
     )
 
 
-def capture_static_part(t: Training, train_ds) -> str | None:
+def capture_static_part(t: Training, train_ds, canvases=()) -> str | None:
     """Capture CUDA graphs for ``t.model``'s static part, on a batch shaped like the
     run's: the image batch (classification) or the transform's padded batch (detection),
-    built from the first training sample.  Returns why the capture failed (the model
+    built from the first training sample, or batches padded to each of a detector's
+    ``canvases`` (trainer.canvas).  Returns why the capture failed (the model
     then trains eagerly), or None."""
     from trainer.graphs import capture
 
@@ -224,6 +225,6 @@ def capture_static_part(t: Training, train_ds) -> str | None:
         t.model.transform.train(was)
     else:
         sample = image.expand(batch, *image.shape).contiguous()
-    failed = capture(t.model, t.task, sample.detach().clone(), t.amp_dtype)
+    failed = capture(t.model, t.task, sample.detach().clone(), t.amp_dtype, canvases)
     t.graphed = failed is None
     return failed

@@ -18,11 +18,18 @@ CLS = ROOT / "configs/shapes_cls.yaml"
 
 
 def plan(
-    setting="auto", device="cuda", world_size=1, compile=False, amp="none", accum=1, varying=None
+    setting="auto",
+    device="cuda",
+    world_size=1,
+    compile=False,
+    amp="none",
+    accum=1,
+    varying=None,
+    canvases=(),
 ):
     return plan_graphs(
         setting, device=device, world_size=world_size, compile=compile, amp=amp,
-        grad_accum=accum, varying_shapes=varying,
+        grad_accum=accum, varying_shapes=varying, canvases=canvases,
     )  # fmt: skip
 
 
@@ -36,35 +43,45 @@ def test_auto_captures_a_single_cuda_process_only():
         "train.compile=true": plan(compile=True),
         "train.amp=fp16": plan(amp="fp16"),
         "train.grad_accum=4": plan(accum=4),
-        "data.min_size=[1, 2] (multi-scale) (one graph holds one shape)": plan(
-            varying="data.min_size=[1, 2] (multi-scale)"
+        "aspect ratios not known (no canvases to pad them to)": plan(
+            varying="aspect ratios not known"
         ),
     }
     for why, p in off.items():
         assert not p.enabled and why in p.reason, (why, p.reason)
     assert plan(amp="bf16").enabled
+    canvas = plan(varying="data.min_size=[1, 2] (multi-scale)", canvases=((32, 64), (64, 32)))
+    assert canvas.enabled and "one graph per canvas (32x64, 64x32)" in canvas.reason
+    assert canvas.as_dict()["canvases"] == [[32, 64], [64, 32]]
     with pytest.raises(ConfigError, match="train.cuda_graphs=true needs a CUDA device"):
         plan("true", device="cpu")
 
 
-def test_a_detector_with_batches_of_several_shapes_runs_eagerly(tmp_path):
-    """One graph holds one padded shape: multi-scale sizes or several aspect ratios give
-    many, so auto does not capture (and says why); fixed square sizes capture."""
+def test_a_detector_with_batches_of_several_shapes_is_graphed_on_canvases(tmp_path):
+    """Multi-scale sizes or several aspect ratios give many padded shapes: auto graphs
+    them on one canvas per orientation; sizes it does not know (no annotation file to
+    group by) run eagerly, and it says why; fixed square sizes capture one shape."""
     from trainer.config import load_config
     from trainer.plan import plan_run
 
     scenes = [f"data.root={tmp_path}"]
     cases = {
-        (DET, ()): None,
-        (ROOT / "configs/scenes_det.yaml", ()): "data.min_size=[160, 192, 224] (multi-scale)",
-        (ROOT / "configs/scenes_det.yaml", ("data.min_size=192",)): "several aspect ratios",
-        (DET, ("data.dataset=coco", f"data.root={tmp_path}")): "aspect ratios not known",
-        (CLS, ()): None,
+        (DET, ()): ((), "captured"),
+        (ROOT / "configs/scenes_det.yaml", ()): (
+            ((224, 320), (320, 224), (320, 320)),
+            "multi-scale",
+        ),
+        (ROOT / "configs/scenes_det.yaml", ("data.min_size=192", "data.max_size=288")): (
+            ((192, 288), (288, 192), (288, 288)),
+            "several aspect ratios",
+        ),
+        (DET, ("data.dataset=coco", f"data.root={tmp_path}")): (None, "aspect ratios not known"),
+        (CLS, ()): ((), "captured"),
     }
-    for (config, extra), why in cases.items():
+    for (config, extra), (canvases, why) in cases.items():
         graphs = plan_run(load_config(config, [*scenes, *extra]), 1, "cuda", "nccl").graphs
-        assert graphs.enabled == (why is None), (config, extra, graphs.reason)
-        assert why is None or why in graphs.reason
+        assert graphs.enabled == (canvases is not None), (config, extra, graphs.reason)
+        assert graphs.canvases == (canvases or ()) and why in graphs.reason, graphs.reason
 
 
 def test_classifier_graph_refuses_another_batch_shape(monkeypatch):
@@ -124,10 +141,16 @@ def _targets(n):
     return [{"boxes": box, "labels": torch.tensor([1])} for _ in range(n)]
 
 
+def _stub_capture(monkeypatch):
+    """No CUDA: the "graphed" callables run their eager forwards."""
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda module, args, **kw: module)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+
 def test_detector_plumbing_around_the_captured_part(monkeypatch):
     """With the capture stubbed (CPU), the rewired backbone/head give the eager model's
     losses and detections, keep the state_dict keys, and run other shapes eagerly."""
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda module, args: module)
+    _stub_capture(monkeypatch)
     eager, graphed = _detector(), _detector()
     keys = list(graphed.state_dict())
     images = [torch.rand(3, 64, 64) for _ in range(2)]
@@ -141,21 +164,28 @@ def test_detector_plumbing_around_the_captured_part(monkeypatch):
     with torch.no_grad():
         da, db = eager(images), graphed(images)
     torch.testing.assert_close(db[0]["scores"], da[0]["scores"])
-    graphed.train()
-    wide = [torch.rand(3, 64, 32) for _ in range(2)]  # padded to 64 x 32: another shape
+    graphed.train(), eager.train()
+    # padded to 64 x 32: the 64 x 64 canvas holds it, and its norms count 64 x 32 only
+    wide = [torch.rand(3, 64, 32) for _ in range(2)]
+    b = graphed(wide, _targets(2))
+    torch.testing.assert_close(sum(b.values()), sum(eager(wide, _targets(2)).values()))
+    three = [torch.rand(3, 64, 64) for _ in range(3)]  # another batch size: eager
     with pytest.warns(UserWarning, match="this batch runs eagerly"):
-        b = graphed(wide, _targets(2))
-    torch.testing.assert_close(sum(b.values()), sum(eager.train()(wide, _targets(2)).values()))
-    # two training forwards replayed, one eager (eval is not counted)
-    assert graphed.graph_counts.as_dict() == {"graph_replays": 2, "graph_eager": 1}
+        b = graphed(three, _targets(3))
+    torch.testing.assert_close(sum(b.values()), sum(eager(three, _targets(3)).values()))
+    # three training forwards replayed, one eager (eval is not counted)
+    assert graphed.graph_counts.as_dict() == {"graph_replays": 3, "graph_eager": 1}
 
 
+SCENES = ROOT / "configs/scenes_det.yaml"
+# mixed sizes and both orientations, multi-scale: batches graphed on three canvases
+FAST_SCENES = [*FAST_DET, "data.min_size=[64, 96]", "data.max_size=128", "data.test_size=96"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("preset,fast", [(CLS, FAST_CLS), (DET, FAST_DET)])
+@pytest.mark.parametrize("preset,fast", [(CLS, FAST_CLS), (DET, FAST_DET), (SCENES, FAST_SCENES)])
 def test_graphed_training_matches_eager_on_cuda(tmp_path, data_root, preset, fast):
     losses = {}
     for flag in ("false", "true"):
@@ -228,7 +258,7 @@ def test_a_failed_capture_trains_eagerly_and_says_why(tmp_path, data_root, monke
     goes on."""
     from torch import nn
 
-    def fail(module, args):
+    def fail(module, args, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", fail)
@@ -262,7 +292,7 @@ def test_graphed_training_steps_with_gradients_set_to_none(tmp_path, data_root, 
 
     from trainer.step import _check_grads_cleared
 
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda module, args: module)
+    _stub_capture(monkeypatch)
     _graphs_on(monkeypatch)
     assert main(train_args(DET, tmp_path, data_root, "g", *FAST_DET)) == 0
     rows = [json.loads(r) for r in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
