@@ -90,6 +90,36 @@ def test_the_loader_reads_the_generated_set_and_the_plan_uses_its_aspects(tmp_pa
     assert "in the training data" in after.sizes and after.maps == before.maps
 
 
+def test_a_start_parses_the_training_annotation_file_once(tmp_path, monkeypatch):
+    """The plan reads the image sizes and hands the parse to the dataset built next (the
+    file is COCO's 450 MB at full size); a changed file is parsed again."""
+    import json as json_module
+
+    import trainer.data.coco as coco
+
+    args = dict(image_size=320, num_train=12, num_val=4, seed=0)
+    build = lambda: build_datasets("scenes", str(tmp_path), "detection", generate=True, **args)  # noqa: E731
+    build()  # generated
+    ann = dataset_root("scenes", str(tmp_path), "detection", 320, 12, 4, 0)
+    ann = ann / "annotations" / "instances_train.json"
+    parsed = []
+    real = json_module.load
+
+    def counting(f, *a, **k):
+        parsed.append(Path(f.name).name)
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(coco.json, "load", counting)
+    cfg = load_config(SCENES, [f"data.root={tmp_path}", "data.num_train=12", "data.num_val=4"])
+    plan_run(cfg, 1, "cpu")
+    build()
+    assert parsed.count("instances_train.json") == 1
+    plan_run(cfg, 1, "cpu")
+    ann.write_text(ann.read_text() + " ")  # another size: the handed parse is stale
+    build()
+    assert parsed.count("instances_train.json") == 3
+
+
 def test_the_dataset_must_fit_the_model_s_task():
     with pytest.raises(ConfigError, match="data.dataset='scenes' holds detection data"):
         load_config(ROOT / "configs/shapes_cls.yaml", ["data.dataset=scenes"])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from trainer.data.classification import IndexedImageFolder
-from trainer.data.coco import CocoDetection, collate_detection
+from trainer.data.coco import CocoDetection, collate_detection, read_annotations
 from trainer.data.errors import DataError
 from trainer.data.grouping import GroupedBatches, aspect_groups
 from trainer.data.images import DEFAULT_MAX_PIXELS
@@ -89,8 +88,8 @@ def train_aspects(dataset: str, root: str | Path) -> tuple[float, ...] | None:
     if dataset == "shapes":
         return (1.0,)
     try:
-        with open(Path(root) / "annotations" / "instances_train.json") as f:
-            images = json.load(f)["images"]
+        ann = Path(root) / "annotations" / "instances_train.json"
+        images = read_annotations(ann, hand_over=True)["images"]
         ratios = {
             round(max(im["width"], im["height"]) / min(im["width"], im["height"]), 2)
             for im in images
