@@ -8,6 +8,7 @@ protobufs.  wandb has no offline reader, so the test carries this small one.
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -55,7 +56,20 @@ def wandb_runs(folder: Path) -> dict:
     (rows merged)."""
     out = {}
     for log in Path(folder).glob("offline-run-*/run-*.wandb"):
-        run = next(r.run for r in records(log) if r.WhichOneof("record_type") == "run")
+        run = _run_record(log)
         merged = {k: v for row in history(log) for k, v in row.items()}
         out[run.display_name] = {"group": run.run_group, "history": merged}
     return out
+
+
+def _run_record(log: Path, wait_s: float = 20.0):
+    """The run's own record.  wandb's service writes the file from another process, and
+    on a loaded machine it may still be flushing when ``finish()`` has returned: read
+    again for a while before giving up."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [r.run for r in records(log) if r.WhichOneof("record_type") == "run"]
+        if found or time.monotonic() > deadline:
+            assert found, f"{log} has no run record after {wait_s} s"
+            return found[0]
+        time.sleep(0.5)
