@@ -102,6 +102,31 @@ def renorm_limits(
     return 1.0 + a_r * (rmax - 1.0), a_d * dmax
 
 
+def update_running(layer: _BatchNorm, mean: torch.Tensor, var: torch.Tensor, total) -> None:
+    """BatchNorm's update of ``layer``'s buffers: the step count, then the running stats
+    moved towards the batch's mean and unbiased variance (Batch Renorm: after r and d
+    used the old ones).  ``total`` is a host int, or a device tensor (a group's count, a
+    padded canvas's region) read by no host: 0 moves nothing.  nn.BatchNorm's momentum
+    rule; the cumulative average's 1/t stays a device tensor."""
+    step = moved(total)
+    layer.num_batches_tracked.add_(step)
+    var_u = unbiased(var, total)
+    dtype = layer.running_mean.dtype
+    new = (mean, var_u) if mean.dtype == dtype else (mean.to(dtype), var_u.to(dtype))
+    if layer.momentum is None:
+        # (clamped: a group with no values leaves the count at 0 and moves nothing)
+        factor = layer.num_batches_tracked.clamp(min=1).to(dtype).reciprocal()
+    else:
+        factor = layer.momentum
+    if isinstance(step, torch.Tensor):
+        factor = step.to(dtype) * factor
+    if isinstance(factor, torch.Tensor):
+        for buf, value in zip((layer.running_mean, layer.running_var), new, strict=True):
+            buf.lerp_(value, factor)
+    else:
+        torch._foreach_lerp_([layer.running_mean, layer.running_var], list(new), factor)
+
+
 class _RenormMixin:
     """Batch Renorm's parameters, the r/d computation and the running-stat update.
 
@@ -142,14 +167,6 @@ class _RenormMixin:
         if self.hold_steps or self.d_warmup_steps is not None:
             text += f", hold_steps={self.hold_steps}, d_warmup_steps={self.d_warmup_steps}"
         return text
-
-    def _momentum_factor(self, dtype: torch.dtype):
-        # nn.BatchNorm's rule; called after num_batches_tracked was incremented.  The
-        # cumulative average's 1/t stays a device tensor: no host read.
-        if self.momentum is None:
-            # (clamped: a group with no values leaves the count at 0 and moves nothing)
-            return self.num_batches_tracked.clamp(min=1).to(dtype).reciprocal()
-        return self.momentum
 
     def _limits(self, dtype: torch.dtype):
         """This forward's (rmax_t, dmax_t): Python floats when nothing ramps, device
@@ -218,7 +235,7 @@ class _RenormMixin:
             else:
                 torch._foreach_clamp_min_([r, d], [1.0 / rmax_t, -dmax_t])
                 torch._foreach_clamp_max_([r, d], [rmax_t, dmax_t])
-            self._update_running(mean, var, total)
+            update_running(self, mean, var, total)
         self._keep_diagnostics(r, d, (rmax_t, dmax_t))
         return r, d, invstd
 
@@ -256,25 +273,6 @@ class _RenormMixin:
     @staticmethod
     def _diagnostics_in_place(r: torch.Tensor) -> bool:
         return r.is_cuda
-
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, total) -> None:
-        """BatchNorm's update: the step count, then the running stats moved towards the
-        batch's mean and unbiased variance (after r and d used the old ones).  ``total``
-        is a host int, or a device tensor from a group (0: nothing moves)."""
-        step = moved(total)
-        self.num_batches_tracked.add_(step)
-        var_u = unbiased(var, total)
-        new = (mean, var_u)
-        if self.running_mean.dtype != mean.dtype:
-            new = (mean.to(self.running_mean.dtype), var_u.to(self.running_var.dtype))
-        factor = self._momentum_factor(self.running_mean.dtype)
-        if isinstance(step, torch.Tensor):
-            factor = step.to(self.running_mean.dtype) * factor
-        if isinstance(factor, torch.Tensor):
-            for buf, value in zip((self.running_mean, self.running_var), new, strict=True):
-                buf.lerp_(value, factor)
-        else:
-            torch._foreach_lerp_([self.running_mean, self.running_var], list(new), factor)
 
     def renorm_stats(self) -> dict[str, float]:
         """Clip diagnostics of the last training forward: how hard r and d are working.

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from norms.batch_renorm import _BatchRenorm
+from norms.batch_renorm import _BatchRenorm, update_running
 from norms.functional import acc_dtype
 
 __all__ = ["Padding", "Region", "halvings", "mask_padding", "valid_size"]
@@ -121,14 +121,7 @@ def _batch_norm(mod: _BatchNorm, x: torch.Tensor, m: torch.Tensor) -> torch.Tens
         r, d, _ = mod._renorm_factors(mean_c, var_c, count)
     elif mod.track_running_stats:
         with torch.no_grad():
-            mod.num_batches_tracked.add_(1)
-            if mod.momentum is None:
-                factor = mod.num_batches_tracked.to(mod.running_mean.dtype).reciprocal()
-            else:
-                factor = mod.momentum
-            var_u = var_c * (count / (count - 1).clamp(min=1))
-            mod.running_mean.lerp_(mean_c.to(mod.running_mean.dtype), factor)
-            mod.running_var.lerp_(var_u.to(mod.running_var.dtype), factor)
+            update_running(mod, mean_c, var_c, count)
     y = (x.to(m.dtype) - mean) * torch.rsqrt(var + mod.eps)
     if r is not None:
         y = y * r.view(1, -1, 1, 1) + d.view(1, -1, 1, 1)

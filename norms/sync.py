@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from norms.batch_renorm import _BatchRenorm
-from norms.functional import batch_stats, moved, normalize, sync_stats, unbiased
+from norms.batch_renorm import _BatchRenorm, update_running
+from norms.functional import batch_stats, normalize, sync_stats
 
 __all__ = ["SyncBatchNorm", "SyncBatchRenorm", "resolve_group"]
 
@@ -70,17 +70,7 @@ class _SyncMixin:
         mean, var, total = sync_stats(mean, var, count, group)
         if self.track_running_stats:
             with torch.no_grad():
-                step = moved(total)  # an all-empty group moves no buffer
-                self.num_batches_tracked.add_(step)
-                dtype = self.running_mean.dtype
-                if self.momentum is None:  # cumulative average: 1/t, kept on the device
-                    factor = self.num_batches_tracked.clamp(min=1).to(dtype).reciprocal()
-                else:
-                    factor = self.momentum
-                factor = step.to(dtype) * factor  # (in the buffers' dtype, not float32)
-                new = ((self.running_mean, mean), (self.running_var, unbiased(var, total)))
-                for buf, value in new:
-                    buf.lerp_(value.to(buf.dtype), factor)
+                update_running(self, mean, var, total)  # an all-empty group moves nothing
         return normalize(x, self.weight, self.bias, mean, var, self.eps, group=group, total=total)
 
 

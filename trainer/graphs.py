@@ -11,8 +11,8 @@ the backward of the static part once and replays them every step:
 
 The optimizer step stays eager.  Batch Renorm's clip-limit ramp and step count are
 device tensors updated inside the graph (``norms.batch_renorm``), so they keep advancing
-on replay.  ``plan_graphs`` decides (auto: on for a single CUDA process whose batches
-all have one shape); ``capture`` does it in place: parameters, buffers and state_dict
+on replay.  ``plan_graphs`` decides (auto: on for a single CUDA process); ``capture``
+does it in place: parameters, buffers and state_dict
 keys are unchanged, eval mode and any batch of another shape run the original eager
 forward, and ``GraphCounts`` (``model.graph_counts``) counts replayed and eager steps
 for the log.
